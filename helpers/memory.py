@@ -1,0 +1,210 @@
+"""Memory probes: how many bytes a block of code really costs.
+
+Built in chapter 00 (setup) and used by every chapter after it.
+
+``measure()`` reports the *peak* resident memory of this process during a block,
+above what was resident when the block started. On Linux the kernel keeps that
+peak for us (``VmHWM`` in ``/proc/self/status``) and lets us reset it by writing
+``5`` to ``/proc/self/clear_refs``; elsewhere a background thread samples RSS.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import math
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import psutil
+
+__all__ = ["Measurement", "measure", "flush", "rss_bytes", "parse_size", "format_size"]
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+# --------------------------------------------------------------------------- sizes
+
+# Same conventions as accelerate's ``convert_file_size_to_int``: "GB" is 10**9,
+# "GiB" is 2**30, and a lower-case trailing "b" ("10Gb") means bits.
+_UNITS = {
+    "": 1, "B": 1,
+    "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+    "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?I?B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(size: Union[int, str]) -> int:
+    """Return ``size`` ("10GiB", "10GB", "500MB", "1.5 GB" or an int) in bytes.
+
+    Raises ``ValueError`` naming the value for anything else (negative numbers,
+    unknown units, words).
+    """
+    if isinstance(size, bool) or not isinstance(size, (int, str)):
+        raise ValueError(f"size {size!r} must be an int of bytes or a string like '10GiB' or '500MB'")
+    if isinstance(size, int):
+        if size < 0:
+            raise ValueError(f"size {size!r} is negative; expected a number of bytes >= 0")
+        return size
+    match = _SIZE_RE.match(size)
+    if match is None or (match.group(2) or "").upper() not in _UNITS:
+        raise ValueError(
+            f"size {size!r} is not a valid size; expected an int of bytes or a number with a unit "
+            "from B, KB, MB, GB, TB (powers of 10) or KiB, MiB, GiB, TiB (powers of 2), like '10GiB'"
+        )
+    number, unit = float(match.group(1)), match.group(2) or ""
+    n_bytes = int(number * _UNITS[unit.upper()])
+    if unit.endswith("b") and unit.upper() != "B" and not unit.upper().endswith("IB"):
+        n_bytes //= 8  # "10Gb" is gigabits, as in accelerate
+    return n_bytes
+
+
+def format_size(n_bytes: Union[int, float], binary: bool = True, precision: int = 1) -> str:
+    """Format a byte count for people: ``format_size(2**29) == '512.0 MiB'``.
+
+    ``binary=False`` uses powers of 10 (kB, MB, GB) as disk makers and model cards do.
+    """
+    if isinstance(n_bytes, bool) or not isinstance(n_bytes, (int, float)) or math.isnan(n_bytes):
+        raise ValueError(f"n_bytes {n_bytes!r} must be a number of bytes")
+    base, units = (1024, ["B", "KiB", "MiB", "GiB", "TiB", "PiB"]) if binary else (
+        1000, ["B", "kB", "MB", "GB", "TB", "PB"])
+    value, sign = abs(float(n_bytes)), "-" if n_bytes < 0 else ""
+    for unit in units:
+        if value < base or unit == units[-1]:
+            return f"{sign}{value:.0f} {unit}" if unit == "B" else f"{sign}{value:.{precision}f} {unit}"
+        value /= base
+    raise AssertionError("unreachable")
+
+
+# --------------------------------------------------------------------------- probes
+
+def _read_status_kib(key: str) -> Optional[int]:
+    try:
+        text = _STATUS.read_text()
+    except OSError:
+        return None
+    match = re.search(rf"^{key}:\s+(\d+)\s+kB", text, re.MULTILINE)
+    return int(match.group(1)) * 1024 if match else None
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process now, in bytes."""
+    return _read_status_kib("VmRSS") or psutil.Process().memory_info().rss
+
+
+def _reset_hwm() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM); False where that is not possible."""
+    try:
+        _CLEAR_REFS.write_text("5")
+    except OSError:
+        return False
+    return _read_status_kib("VmHWM") is not None
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def flush() -> None:
+    """Give freed memory back: collect garbage, trim the C heap, empty the CUDA cache."""
+    gc.collect()
+    try:  # glibc keeps freed pages in its arenas until asked to return them
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    if _cuda_available():
+        import torch
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+@dataclass
+class Measurement:
+    """What ``measure()`` saw: peaks above the level at entry, and wall time."""
+
+    cpu_peak_bytes: int = 0
+    cuda_peak_bytes: Optional[int] = None
+    seconds: float = 0.0
+    method: str = ""
+    cpu_start_bytes: int = 0
+    _samples: list = field(default_factory=list, repr=False)
+
+    def __str__(self) -> str:
+        cuda = "n/a" if self.cuda_peak_bytes is None else format_size(self.cuda_peak_bytes)
+        return (f"CPU peak +{format_size(self.cpu_peak_bytes)}, CUDA peak +{cuda}, "
+                f"{self.seconds:.2f} s")
+
+
+class measure:
+    """Context manager: ``with measure() as m: ...`` then read ``m.cpu_peak_bytes``.
+
+    * ``cpu_peak_bytes``: peak RSS during the block minus RSS at entry (>= 0).
+    * ``cuda_peak_bytes``: ``torch.cuda.max_memory_allocated()`` during the block minus
+      what was allocated at entry; ``None`` without CUDA.
+    * ``seconds``: wall time of the block.
+
+    ``flush_first=True`` (the default) collects garbage before the block starts so
+    memory freed by earlier cells does not hide the block's own cost.
+    ``sample_interval`` is used only where the kernel's peak counter is unavailable.
+    """
+
+    def __init__(self, flush_first: bool = True, sample_interval: float = 0.001):
+        if not sample_interval > 0:
+            raise ValueError(f"sample_interval {sample_interval!r} must be > 0 seconds")
+        self.flush_first = flush_first
+        self.sample_interval = sample_interval
+        self.result = Measurement()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def __enter__(self) -> Measurement:
+        if self.flush_first:
+            flush()
+        m = self.result
+        m.method = "VmHWM" if _reset_hwm() else "sampling"
+        m.cpu_start_bytes = rss_bytes()
+        if m.method == "sampling":
+            m._samples.append(m.cpu_start_bytes)
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        if _cuda_available():
+            import torch
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._cuda_start = torch.cuda.memory_allocated()
+        self._t0 = time.perf_counter()
+        return m
+
+    def _sample(self) -> None:
+        samples = self.result._samples
+        while not self._stop.wait(self.sample_interval):
+            samples.append(rss_bytes())
+
+    def __exit__(self, *exc) -> None:
+        m = self.result
+        if _cuda_available():
+            import torch
+            torch.cuda.synchronize()
+            m.cuda_peak_bytes = max(0, torch.cuda.max_memory_allocated() - self._cuda_start)
+        m.seconds = time.perf_counter() - self._t0
+        if m.method == "VmHWM":
+            peak = max(_read_status_kib("VmHWM") or 0, rss_bytes())
+        else:
+            self._stop.set()
+            assert self._thread is not None
+            self._thread.join()
+            peak = max(m._samples + [rss_bytes()])
+        m.cpu_peak_bytes = max(0, peak - m.cpu_start_bytes)
+
+

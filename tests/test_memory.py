@@ -1,0 +1,83 @@
+"""helpers.memory: size strings and the peak-memory probe."""
+
+import numpy as np
+import pytest
+from accelerate.utils import convert_file_size_to_int
+
+from helpers.memory import flush, format_size, measure, parse_size, rss_bytes
+
+MiB = 2**20
+
+
+@pytest.mark.parametrize("text", ["10GiB", "10GB", "500MB", "1.5GB", "3MiB", "7KiB", "12KB", "2Gb", "10MB", "0.5GiB"])
+def test_parse_size_agrees_with_accelerate(text):
+    assert parse_size(text) == convert_file_size_to_int(text)
+
+
+@pytest.mark.parametrize("text, expected", [
+    (1024, 1024), ("1024", 1024), ("1024B", 1024), ("10 GB", 10 * 10**9), ("1TiB", 2**40), ("2TB", 2 * 10**12), ("8Gb", 10**9), (0, 0),
+])
+def test_parse_size_extras(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["10 GBB", -1, "ten", "", "GB", "1.2.3MB", "-5MB", None, 1.5, True, "10 XB"])
+def test_parse_size_rejects_bad_values_naming_them(bad):
+    with pytest.raises(ValueError, match=repr(bad).replace("(", r"\(").replace(".", r"\.")):
+        parse_size(bad)
+
+
+def test_format_size_conventions():
+    assert format_size(512 * MiB) == "512.0 MiB"
+    assert format_size(10**9, binary=False) == "1.0 GB"
+    assert format_size(0) == "0 B"
+    assert format_size(1023) == "1023 B"
+    assert format_size(3 * 2**40) == "3.0 TiB"
+    assert format_size(-2048) == "-2.0 KiB"
+    for n in [1, 1500, 10**7, 5 * 2**30]:  # round trip within the printed precision
+        assert abs(parse_size(format_size(n, precision=3).replace(" ", "")) - n) <= 0.001 * n + 1
+    with pytest.raises(ValueError, match="'x'"):
+        format_size("x")
+
+
+def test_measure_reads_a_512_mib_tensor_within_2_percent():
+    import torch
+
+    with measure() as m:
+        x = torch.empty(512 * MiB, dtype=torch.uint8)
+        x.fill_(1)  # touch every page so it is resident
+        del x
+    assert m.cpu_peak_bytes == pytest.approx(512 * MiB, rel=0.02), format_size(m.cpu_peak_bytes)
+    assert m.seconds > 0
+    assert m.cuda_peak_bytes is None or m.cuda_peak_bytes >= 0
+
+
+def test_measure_sees_nothing_for_untouched_or_meta_memory():
+    import torch
+
+    with measure() as m:
+        torch.empty(10**9, dtype=torch.uint8, device="meta")
+    assert m.cpu_peak_bytes < 16 * MiB
+
+
+def test_measure_sampling_fallback(monkeypatch):
+    import helpers.memory as memory
+
+    monkeypatch.setattr(memory, "_reset_hwm", lambda: False)
+    with measure(sample_interval=0.0005) as m:
+        x = np.ones(256 * MiB // 8)
+        import time
+        time.sleep(0.05)  # give the sampler time to see it
+        del x
+    assert m.method == "sampling"
+    assert m.cpu_peak_bytes == pytest.approx(256 * MiB, rel=0.05)
+
+
+def test_measure_rejects_bad_interval():
+    with pytest.raises(ValueError, match="0"):
+        measure(sample_interval=0)
+
+
+def test_flush_and_rss():
+    flush()
+    assert rss_bytes() > 10 * MiB
