@@ -80,7 +80,23 @@ def _manifest_problems(directory: Path, manifest: dict) -> list[str]:
             problems.append(f"{name} is missing")
         elif path.stat().st_size != size:
             problems.append(f"{name} is {path.stat().st_size} bytes, expected {size}")
+        elif name.endswith(".safetensors") and not _safetensors_header_ok(path):
+            problems.append(f"{name} has a corrupt safetensors header")
     return problems
+
+
+def _safetensors_header_ok(path: Path) -> bool:
+    """Cheap check that a safetensors file's header parses and its byte ranges fill the file."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 2 <= n <= path.stat().st_size - 8:
+                return False
+            header = json.loads(f.read(n))
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        return max(ends, default=0) == path.stat().st_size - 8 - n
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return False
 
 
 def _publish(tmp: Path, target: Path) -> None:
@@ -314,10 +330,3 @@ def synthetic_llama(path: Union[str, Path], config, *, seed: int = 0, dtype: tor
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return path
-
-
-def describe(path: Union[str, Path]) -> str:
-    """One line: how many shards and bytes a checkpoint directory holds."""
-    path = Path(path)
-    shards = sorted(path.glob("*.safetensors"))
-    return f"{path.name}: {len(shards)} shards, {format_size(sum(p.stat().st_size for p in shards))}"

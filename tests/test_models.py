@@ -53,8 +53,8 @@ def fake_cache(tmp_path, monkeypatch):
 
     def fake_convert(out: Path):
         calls.append(out)
-        (out / "model-00001-of-00002.safetensors").write_bytes(b"a" * 100)
-        (out / "model-00002-of-00002.safetensors").write_bytes(b"b" * 50)
+        (out / "part-1.dat").write_bytes(b"a" * 100)
+        (out / "part-2.dat").write_bytes(b"b" * 50)
         (out / "model.safetensors.index.json").write_text("{}")
         return {"source": "fake"}
 
@@ -78,7 +78,7 @@ def test_build_once_then_reuse(fake_cache):
 def test_damaged_cache_is_rebuilt(fake_cache, capsys):
     _, calls = fake_cache
     path = models.book_model_dir()
-    shard = path / "model-00002-of-00002.safetensors"
+    shard = path / "part-2.dat"
     shard.write_bytes(b"b" * 10)  # truncated
     assert models.book_model_dir() == path and len(calls) == 2
     assert shard.stat().st_size == 50
@@ -92,13 +92,31 @@ def test_interrupted_build_leaves_nothing_to_trust(fake_cache, monkeypatch):
     root, _ = fake_cache
 
     def dies_halfway(out: Path):
-        (out / "model-00001-of-00002.safetensors").write_bytes(b"half")
+        (out / "part-1.dat").write_bytes(b"half")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(models, "_convert_book_model", dies_halfway)
     with pytest.raises(KeyboardInterrupt):
         models.book_model_dir()
     assert list(root.iterdir()) == []
+
+
+def test_corrupt_shard_header_is_rebuilt(fake_cache, monkeypatch, tmp_path):
+    _, calls = fake_cache
+    real = models.synthetic_llama(tmp_path / "real", TINY, max_shard_size="1MB", progress=False)
+    shard_bytes = sorted(real.glob("*.safetensors"))[0].read_bytes()
+
+    def convert_with_real_shard(out: Path):
+        calls.append(out)
+        (out / "model-00001-of-00001.safetensors").write_bytes(shard_bytes)
+        return {"source": "fake"}
+
+    monkeypatch.setattr(models, "_convert_book_model", convert_with_real_shard)
+    path = models.book_model_dir()
+    shard = path / "model-00001-of-00001.safetensors"
+    shard.write_bytes(b"\xff" * 8 + shard_bytes[8:])  # same size, garbage header length
+    assert models.book_model_dir() == path and len(calls) == 2
+    assert shard.read_bytes() == shard_bytes
 
 
 def test_foreign_directory_is_reported_not_deleted(fake_cache):
