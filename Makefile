@@ -14,7 +14,6 @@ SANITIZE  := tests/nbval_sanitize.cfg
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
-export MPLBACKEND := Agg
 
 .PHONY: all setup test unit nbval book run clean
 
