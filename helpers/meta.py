@@ -1,0 +1,85 @@
+"""Empty models: count what a model would cost without allocating it, and watch where tensors are born.
+
+Built in chapter 01 (the meta device and empty models).
+
+Everything here works on models whose tensors live on the ``meta`` device (shapes and
+dtypes, no data), so it can describe a 100-billion-parameter model in a few MiB of RAM.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+from torch.nn.modules.module import register_module_parameter_registration_hook
+
+__all__ = ["count_parameters", "parameter_bytes", "tied_parameters", "tensor_devices",
+           "Registration", "record_parameter_registrations"]
+
+
+def _check_module(model: object) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model {model!r} must be a torch.nn.Module, not {type(model).__name__}")
+    return model
+
+
+def count_parameters(model: nn.Module, *, unique: bool = True) -> int:
+    """Number of parameter elements; ``unique=False`` counts a tied tensor once per name. Built in chapter 01."""
+    params = _check_module(model).named_parameters(remove_duplicate=unique)
+    return sum(p.numel() for _, p in params)
+
+
+def parameter_bytes(model: nn.Module, *, unique: bool = True) -> int:
+    """Bytes the parameters take (or would take, on meta): elements x element size. Built in chapter 01."""
+    params = _check_module(model).named_parameters(remove_duplicate=unique)
+    return sum(p.numel() * p.element_size() for _, p in params)
+
+
+def tied_parameters(model: nn.Module) -> list[list[str]]:
+    """Groups of parameter names that are one and the same tensor object, sorted. Built in chapter 01."""
+    groups: dict[int, list[str]] = {}
+    for name, param in _check_module(model).named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    return sorted(sorted(names) for names in groups.values() if len(names) > 1)
+
+
+def tensor_devices(model: nn.Module, *, buffers: bool = True) -> dict[str, int]:
+    """How many parameters (and buffers) sit on each device type, e.g. ``{"meta": 272, "cpu": 1}``. Built in chapter 01."""
+    model = _check_module(model)
+    tensors = [p for _, p in model.named_parameters()]
+    if buffers:
+        tensors += [b for _, b in model.named_buffers()]
+    return dict(sorted(Counter(t.device.type for t in tensors).items()))
+
+
+@dataclass(frozen=True)
+class Registration:
+    """One parameter being attached to a module: which module class, which name, on which device."""
+
+    module: str
+    name: str
+    device: str
+
+
+@contextmanager
+def record_parameter_registrations() -> Iterator[list[Registration]]:
+    """Record every ``nn.Parameter`` attached to any module inside the block, in order. Built in chapter 01.
+
+    Uses torch's global parameter-registration hook, so it sees parameters created by
+    constructors and by loaders that swap tensors in (``setattr(module, name, param)``).
+    """
+    seen: list[Registration] = []
+
+    def hook(module: nn.Module, name: str, param: torch.Tensor | None) -> None:
+        if param is not None:
+            seen.append(Registration(type(module).__name__, name, param.device.type))
+
+    handle = register_module_parameter_registration_hook(hook)
+    try:
+        yield seen
+    finally:
+        handle.remove()
