@@ -1,0 +1,405 @@
+"""Memory arithmetic: how many bytes a model needs before you try to load it.
+
+Built in chapter 02 (memory arithmetic); chapters 04-08 use it to plan device maps,
+offload and layer streaming.
+
+Every count comes from the model itself, built on the ``meta`` device (shapes, no data),
+so it is exact for any architecture transformers can build. Configs of well-known models
+are checked in under ``helpers/data/`` (published shapes, no hub access).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional, Union
+
+import torch
+
+from .memory import format_size, parse_size
+
+__all__ = [
+    "DATA_DIR", "CUDA_CONTEXT_BYTES", "known_models", "known_config", "count_parameters",
+    "bytes_per_param", "weight_bytes", "block_bytes", "kv_cache_bytes", "activation_bytes",
+    "Ledger", "estimate", "feasibility",
+]
+
+DATA_DIR = Path(__file__).with_name("data")
+# What a CUDA context (driver, kernels, cuBLAS workspaces) takes on the GPU before any tensor:
+# the seeds quote 1-2 GB; with lazy module loading (CUDA >= 11.7) it is nearer 0.5 GB. We plan
+# with 1 GiB. It is *not* in torch.cuda.max_memory_allocated(); nvidia-smi shows it.
+CUDA_CONTEXT_BYTES = 2**30
+FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+QUANT_DTYPES = ("int8", "nf4", "fp4")
+DTYPES = tuple(FLOAT_DTYPES) + QUANT_DTYPES
+BNB_4BIT_BLOCKSIZE = 64      # bitsandbytes: one absmax per 64 weights
+BNB_NESTED_BLOCKSIZE = 256   # double quantization: absmaxes quantized to 8 bit in blocks of 256
+INT8_ROW_ASSUMED = 4096      # bytes_per_param("int8"): rows of 4096 inputs share one fp32 scale
+
+
+# --------------------------------------------------------------------------- configs
+
+def known_models() -> list[str]:
+    """Names accepted by ``known_config`` (the JSON files in helpers/data). Built in chapter 02."""
+    return sorted(p.stem for p in DATA_DIR.glob("*.json"))
+
+
+def known_config(name: str):
+    """The transformers config of a well-known model, from ``helpers/data/<name>.json``. Built in chapter 02."""
+    from transformers import AutoConfig
+
+    names = known_models()
+    if not isinstance(name, str) or name not in names:
+        raise ValueError(f"unknown model {name!r}; known models are: {', '.join(names)}")
+    fields = json.loads((DATA_DIR / f"{name}.json").read_text())
+    model_type = fields.pop("model_type")
+    return AutoConfig.for_model(model_type, **fields)
+
+
+def _check_config(config) -> None:
+    from transformers import PretrainedConfig
+
+    if not isinstance(config, PretrainedConfig):
+        raise ValueError(f"config {config!r} must be a transformers PretrainedConfig (see known_config)")
+
+
+@functools.lru_cache(maxsize=32)
+def _meta_model_cached(config_json: str, model_type: str):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = json.loads(config_json)
+    fields.pop("model_type", None)
+    config = AutoConfig.for_model(model_type, **fields)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def meta_model(config):
+    """The causal-LM model for ``config`` built on the meta device (cached; do not modify). Built in chapter 02."""
+    _check_config(config)
+    return _meta_model_cached(config.to_json_string(use_diff=False), config.model_type)
+
+
+def count_parameters(config) -> int:
+    """Exact number of parameters of ``config``'s model, tied weights counted once. Built in chapter 02."""
+    return sum(p.numel() for p in meta_model(config).parameters())  # parameters() skips duplicates
+
+
+# --------------------------------------------------------------------------- bytes per parameter
+
+def _dtype_name(dtype) -> str:
+    if isinstance(dtype, torch.dtype):
+        for name, value in FLOAT_DTYPES.items():
+            if value == dtype:
+                return name
+    elif isinstance(dtype, str):
+        name = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(dtype.lower(), dtype.lower())
+        if name in DTYPES:
+            return name
+    raise ValueError(f"dtype {dtype!r} is not supported; expected one of {', '.join(DTYPES)} "
+                     "(or torch.float32 / torch.bfloat16 / torch.float16)")
+
+
+def _float_name(dtype, what: str) -> str:
+    name = _dtype_name(dtype)
+    if name not in FLOAT_DTYPES:
+        raise ValueError(f"{what} dtype {dtype!r} must be a float type ({', '.join(FLOAT_DTYPES)}); "
+                         f"quantized weights compute and cache in fp16/bf16")
+    return name
+
+
+def bytes_per_param(dtype, *, double_quant: bool = False, row_size: int = INT8_ROW_ASSUMED) -> float:
+    """Average bytes one weight takes in ``dtype``, quantization scales included. Built in chapter 02.
+
+    * fp32 4, bf16/fp16 2.
+    * int8 (LLM.int8, bitsandbytes ``Int8Params``): 1 byte + one fp32 scale (``SCB``) per output
+      row, amortised over ``row_size`` inputs (assumed 4096; ``weight_bytes`` uses the real rows).
+    * nf4/fp4 (bitsandbytes ``Params4bit``): 0.5 byte + one fp32 absmax per block of 64 weights;
+      with ``double_quant=True`` the absmaxes are stored as 8 bit, plus one fp32 scale per 256 blocks.
+    """
+    name = _dtype_name(dtype)
+    if name in FLOAT_DTYPES:
+        return float(torch.empty((), dtype=FLOAT_DTYPES[name]).element_size())
+    if name == "int8":
+        if not isinstance(row_size, int) or row_size <= 0:
+            raise ValueError(f"row_size {row_size!r} must be a positive int")
+        return 1.0 + 4.0 / row_size
+    if double_quant:
+        return 0.5 + 1.0 / BNB_4BIT_BLOCKSIZE + 4.0 / (BNB_4BIT_BLOCKSIZE * BNB_NESTED_BLOCKSIZE)
+    return 0.5 + 4.0 / BNB_4BIT_BLOCKSIZE
+
+
+def _quantized_tensor_bytes(name: str, shape: torch.Size, out_features: int, double_quant: bool) -> int:
+    """Bytes bitsandbytes stores for one quantized weight matrix (scales included)."""
+    n = math.prod(shape)
+    if name == "int8":  # int8 matrix + fp32 scale per output row
+        return n + 4 * out_features
+    blocks = math.ceil(n / BNB_4BIT_BLOCKSIZE)
+    packed = math.ceil(n / 2)
+    if not double_quant:
+        return packed + 4 * blocks
+    # 8-bit absmax per block, fp32 absmax per 256 blocks, one fp32 offset (code tables are shared)
+    return packed + blocks + 4 * math.ceil(blocks / BNB_NESTED_BLOCKSIZE) + 4
+
+
+def _is_quantizable(module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (torch.nn.Linear, Conv1D))
+
+
+def _param_bytes(config, dtype, skip_modules: Iterable[str], compute_dtype, double_quant: bool,
+                 ) -> list[tuple[str, int]]:
+    """``(parameter name, bytes)`` for every unique parameter, in registration order."""
+    name = _dtype_name(dtype)
+    compute = FLOAT_DTYPES[_float_name(compute_dtype, "compute")] if name in QUANT_DTYPES else FLOAT_DTYPES[name]
+    elem = torch.empty((), dtype=compute).element_size()
+    model = meta_model(config)
+    skip = tuple(skip_modules)
+    out, seen = [], set()
+    for mod_name, module in model.named_modules():
+        for p_name, param in module.named_parameters(recurse=False, prefix=mod_name):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            quantize = (name in QUANT_DTYPES and _is_quantizable(module) and p_name.endswith(".weight")
+                        and not any(mod_name == s or mod_name.startswith(s + ".") or mod_name.endswith("." + s)
+                                    for s in skip))
+            if quantize:
+                rows = param.shape[0] if isinstance(module, torch.nn.Linear) else param.shape[1]
+                out.append((p_name, _quantized_tensor_bytes(name, param.shape, rows, double_quant)))
+            else:
+                out.append((p_name, param.numel() * elem))
+    return out
+
+
+def weight_bytes(config, dtype, *, skip_modules: Iterable[str] = ("lm_head",), compute_dtype="fp16",
+                 double_quant: bool = False) -> int:
+    """Bytes of all weights of ``config``'s model stored in ``dtype``. Built in chapter 02.
+
+    For int8/nf4/fp4 only ``nn.Linear`` (and GPT-2 ``Conv1D``) weights are quantized, as
+    bitsandbytes does: embeddings, norms, biases and the modules in ``skip_modules`` (transformers
+    keeps ``lm_head`` unquantized) stay in ``compute_dtype``. Float dtypes ignore those arguments.
+    """
+    return sum(b for _, b in _param_bytes(config, dtype, skip_modules, compute_dtype, double_quant))
+
+
+def _blocks(config) -> list[str]:
+    """Top-level blocks in execution order: the modules around and inside the decoder-layer list."""
+    model = meta_model(config)
+    n_layers = config.num_hidden_layers
+
+    def expand(module, prefix: str) -> list[str]:
+        names = []
+        for child_name, child in module.named_children():
+            full = f"{prefix}{child_name}"
+            if isinstance(child, torch.nn.ModuleList) and len(child) == n_layers:
+                names += [f"{full}.{i}" for i in range(n_layers)]
+            elif any(isinstance(m, torch.nn.ModuleList) and len(m) == n_layers for m in child.modules()):
+                names += expand(child, full + ".")
+            else:
+                names.append(full)
+        return names
+
+    return expand(model, "")
+
+
+def block_bytes(config, dtype, **kwargs) -> dict[str, int]:
+    """Bytes of each top-level block ("model.embed_tokens", "model.layers.0", ..., "lm_head") in
+    execution order; a tied ``lm_head`` is 0 (its weight is counted in the embeddings). Built in chapter 02.
+
+    Blocks without parameters (rotary embeddings, dropout) are left out. ``kwargs`` as in ``weight_bytes``.
+    """
+    sizes = _param_bytes(config, dtype, kwargs.pop("skip_modules", ("lm_head",)),
+                         kwargs.pop("compute_dtype", "fp16"), kwargs.pop("double_quant", False))
+    if kwargs:
+        raise ValueError(f"unexpected arguments {sorted(kwargs)}; expected skip_modules, compute_dtype, double_quant")
+    result = {}
+    model = meta_model(config)
+    for block in _blocks(config):
+        total = sum(b for p, b in sizes if p.startswith(block + "."))
+        has_params = any(True for _ in model.get_submodule(block).named_parameters(remove_duplicate=False))
+        if total or has_params:
+            result[block] = total
+    return result
+
+
+# --------------------------------------------------------------------------- runtime tensors
+
+def _check_positive(**values: int) -> None:
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{key} {value!r} must be a positive int")
+
+
+def _attention_shape(config) -> tuple[int, int, int, int]:
+    """``(layers, query heads, key/value heads, head_dim)`` whatever the config calls them."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None)
+    if config.model_type == "falcon":
+        kv_heads = config.num_kv_heads if config.new_decoder_architecture else (1 if config.multi_query else heads)
+    elif config.model_type == "gpt_bigcode":
+        kv_heads = 1 if config.multi_query else heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers, heads, kv_heads or heads, head_dim
+
+
+def kv_cache_bytes(config, batch_size: int, seq_len: int, dtype) -> int:
+    """Bytes of the KV cache after ``seq_len`` tokens: 2 x layers x batch x seq x kv_heads x head_dim x
+    element size (GQA/MQA through ``num_key_value_heads``). Built in chapter 02."""
+    _check_config(config)
+    _check_positive(batch_size=batch_size, seq_len=seq_len)
+    elem = int(bytes_per_param(_float_name(dtype, "KV cache")))
+    layers, _, kv_heads, head_dim = _attention_shape(config)
+    return 2 * layers * batch_size * seq_len * kv_heads * head_dim * elem
+
+
+def activation_bytes(config, batch_size: int, seq_len: int, dtype) -> int:
+    """Peak bytes of temporary tensors in one inference forward pass (no grad, SDPA attention). Built in chapter 02.
+
+    Assumptions (checked against measurement in chapter 02):
+    * layers run one after another and free their temporaries, so the peak is the largest of
+      (a) inside a decoder layer's MLP: residual + normed input (2 x hidden) and three
+          intermediate-size buffers (``act(gate)``, ``up`` and their product); and
+      (b) the end: the logits (batch x seq x vocab) in ``dtype`` plus two hidden-size buffers;
+    * attention through SDPA's fused kernels, which never materialise the seq x seq score matrix,
+      so attention's own temporaries (q, k, v, rotary copies: about 4 x hidden) stay below (a);
+    * the KV cache is not included here (see ``kv_cache_bytes``).
+    """
+    _check_config(config)
+    _check_positive(batch_size=batch_size, seq_len=seq_len)
+    elem = int(bytes_per_param(_float_name(dtype, "activation")))
+    tokens = batch_size * seq_len
+    hidden = config.hidden_size
+    inter = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
+    mlp = (2 * hidden + 3 * inter) * tokens * elem
+    attention = 6 * hidden * tokens * elem
+    logits = (2 * hidden + config.vocab_size) * tokens * elem
+    return max(mlp, attention, logits)
+
+
+# --------------------------------------------------------------------------- the ledger
+
+@dataclass
+class Ledger:
+    """Predicted memory of one forward pass, in bytes, by item. Built in chapter 02."""
+
+    weights: int
+    kv_cache: int
+    activations: int
+    overhead: int
+    device: str = "cpu"
+    label: str = ""
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.activations + self.overhead
+
+    def items(self) -> dict[str, int]:
+        return {"weights": self.weights, "kv_cache": self.kv_cache, "activations": self.activations,
+                "overhead": self.overhead}
+
+    def table(self) -> str:
+        rows = list(self.items().items()) + [("total", self.total)]
+        title = f"{self.label} on {self.device}" if self.label else f"on {self.device}"
+        lines = [title, f"{'item':<12}{'bytes':>18}{'size':>14}"]
+        lines += [f"{k:<12}{v:>18,}{format_size(v):>14}" for k, v in rows]
+        return "\n".join(lines)
+
+    __str__ = table
+
+    def plot(self, ax=None):
+        """Draw the ledger as one stacked bar (GiB); returns the axes."""
+        import matplotlib.pyplot as plt
+
+        if ax is None:
+            _, ax = plt.subplots(figsize=(3, 4))
+        bottom = 0.0
+        for key, value in self.items().items():
+            ax.bar([self.label or "model"], [value / 2**30], bottom=bottom, label=key)
+            bottom += value / 2**30
+        ax.set_ylabel("memory (GiB)")
+        ax.legend(fontsize="small")
+        return ax
+
+
+def _input_embedding_bytes(config, dtype) -> int:
+    """Bytes of the input embedding table, if it is not shared with the LM head (else 0)."""
+    model = meta_model(config)
+    table = model.get_input_embeddings().weight
+    output = model.get_output_embeddings()
+    if output is not None and output.weight is table:
+        return 0
+    return table.numel() * int(bytes_per_param(dtype))
+
+
+def estimate(config, dtype, batch_size: int = 1, seq_len: int = 512, *, device: str = "cpu",
+             checkpoint_dtype=None, label: str = "", **weight_kwargs) -> Ledger:
+    """Predicted peak memory of loading ``config``'s model in ``dtype`` and running one forward pass
+    of ``batch_size`` x ``seq_len`` tokens with ``use_cache=True``. Built in chapter 02.
+
+    ``overhead`` is the CUDA context (``CUDA_CONTEXT_BYTES``) on ``device="cuda"``. On the CPU it is
+    the loading transient measured in chapter 02: when ``checkpoint_dtype`` (the dtype of the
+    safetensors files) differs from ``dtype``, ``from_pretrained`` keeps every shard memory-mapped
+    while it converts, so the whole checkpoint is resident next to the converted weights; only the
+    part of that not already covered by the forward pass's KV cache and activations is added.
+    When the dtypes match, the weights *are* the memory-mapped file (zero copy) and RSS counts only
+    pages read: an untied input-embedding table is resident only for the rows the tokens touch.
+    """
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r} must be 'cpu' or 'cuda'")
+    _check_positive(batch_size=batch_size, seq_len=seq_len)
+    name = _dtype_name(dtype)
+    run_dtype = name if name in FLOAT_DTYPES else weight_kwargs.get("compute_dtype", "fp16")
+    weights = weight_bytes(config, name, **weight_kwargs)
+    kv = kv_cache_bytes(config, batch_size, seq_len, run_dtype)
+    act = activation_bytes(config, batch_size, seq_len, run_dtype)
+    if device == "cuda":
+        overhead = CUDA_CONTEXT_BYTES
+    elif checkpoint_dtype is None or name in QUANT_DTYPES:
+        overhead = 0
+    elif _dtype_name(checkpoint_dtype) == name:  # zero copy: untouched embedding rows stay on disk
+        overhead = 0
+        table = _input_embedding_bytes(config, name)
+        if table:
+            rows = min(config.vocab_size, batch_size * seq_len)
+            weights -= table - rows * (table // config.vocab_size)
+    else:
+        checkpoint = weight_bytes(config, checkpoint_dtype)
+        overhead = max(0, checkpoint - kv - act)
+    return Ledger(weights=weights, kv_cache=kv, activations=act, overhead=overhead, device=device,
+                  label=label)
+
+
+def feasibility(config, dtype, gpu_bytes: Union[int, str], cpu_bytes: Union[int, str], *,
+                batch_size: int = 1, seq_len: int = 512, **weight_kwargs) -> str:
+    """Where a model can run on one GPU plus RAM: "fits on GPU", "needs CPU offload", "needs disk offload",
+    "needs streaming" or "does not fit". Built in chapter 02.
+
+    The GPU keeps the CUDA context, KV cache and activations, and as many blocks as fit. The rest
+    goes to RAM ("needs CPU offload"), then to disk ("needs disk offload"). When more than half the
+    weights must come from disk on every forward pass, per-token offload is disk-bound and the
+    practical plan is to stream layers over a large batch (chapter 08): "needs streaming". If the
+    runtime plus the largest block does not fit on the GPU, nothing runs: "does not fit".
+    """
+    gpu, cpu = parse_size(gpu_bytes), parse_size(cpu_bytes)
+    ledger = estimate(config, dtype, batch_size, seq_len, device="cuda", **weight_kwargs)
+    if ledger.total <= gpu:
+        return "fits on GPU"
+    runtime = ledger.total - ledger.weights
+    blocks = block_bytes(config, dtype, **weight_kwargs)
+    if runtime + max(blocks.values()) > gpu:
+        return "does not fit"
+    on_gpu = 0
+    for size in blocks.values():  # fill the GPU in execution order, as device_map="sequential" does
+        if runtime + on_gpu + size > gpu:
+            break
+        on_gpu += size
+    rest = ledger.weights - on_gpu
+    if rest <= cpu:
+        return "needs CPU offload"
+    from_disk = rest - cpu
+    return "needs streaming" if from_disk > ledger.weights / 2 else "needs disk offload"

@@ -1,0 +1,250 @@
+"""Tests for helpers.arithmetic (chapter 02): exact counts, byte formulas, and bad inputs."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from helpers import arithmetic as ar
+from helpers.models import book_model_dir
+
+
+@pytest.fixture(scope="module")
+def llama7b():
+    return ar.known_config("llama-2-7b")
+
+
+@pytest.fixture(scope="module")
+def book():
+    return ar.known_config("smollm2-135m")
+
+
+def tiny_llama(**overrides):
+    from transformers import LlamaConfig
+
+    fields = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=24, vocab_size=101, tie_word_embeddings=False)
+    fields.update(overrides)
+    return LlamaConfig(**fields)
+
+
+# --------------------------------------------------------------------------- configs and counts
+
+def test_known_models_listed():
+    for name in ["llama-2-70b", "llama-2-7b", "gpt-3-175b", "bloom-176b", "falcon-40b", "mpt-30b",
+                 "starcoder-15.5b", "smollm2-135m"]:
+        assert name in ar.known_models()
+
+
+def test_unknown_model_lists_known_names():
+    with pytest.raises(ValueError, match="llama-2-70b") as err:
+        ar.known_config("llama-3-8b")
+    assert "llama-3-8b" in str(err.value)
+
+
+def test_book_config_matches_book_model(book):
+    on_disk = json.loads((book_model_dir() / "config.json").read_text())
+    ours = book.to_dict()
+    for key, value in on_disk.items():
+        if key in ("transformers_version", "_name_or_path", "_model_name_or_path"):
+            continue
+        assert ours.get(key) == value, key
+
+
+def test_exact_llama_counts(llama7b):
+    assert ar.count_parameters(ar.known_config("llama-2-70b")) == 68_976_648_192
+    assert ar.count_parameters(llama7b) == 6_738_415_616
+
+
+def test_tied_embeddings_counted_once(book):
+    # the checkpoint stores every tensor once, in fp16: its total_size is 2 bytes per parameter
+    index = json.loads((book_model_dir() / "model.safetensors.index.json").read_text())
+    assert ar.count_parameters(book) * 2 == index["metadata"]["total_size"]
+    untied = ar.known_config("smollm2-135m")
+    untied.tie_word_embeddings = False
+    assert ar.count_parameters(untied) == ar.count_parameters(book) + 49152 * 576
+
+
+def test_count_matches_a_real_model():
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_llama()
+    model = AutoModelForCausalLM.from_config(config)
+    assert ar.count_parameters(config) == sum(p.numel() for p in model.parameters())
+
+
+def test_count_rejects_non_config():
+    with pytest.raises(ValueError, match="PretrainedConfig"):
+        ar.count_parameters({"hidden_size": 8})
+
+
+# --------------------------------------------------------------------------- bytes per parameter
+
+def test_bytes_per_param_values():
+    assert ar.bytes_per_param("fp32") == 4 and ar.bytes_per_param(torch.float32) == 4
+    assert ar.bytes_per_param("bf16") == 2 == ar.bytes_per_param(torch.bfloat16)
+    assert ar.bytes_per_param("fp16") == 2 == ar.bytes_per_param(torch.float16)
+    assert ar.bytes_per_param("int8") == pytest.approx(1 + 4 / 4096)
+    assert ar.bytes_per_param("int8", row_size=1024) == pytest.approx(1 + 4 / 1024)
+    assert ar.bytes_per_param("nf4") == ar.bytes_per_param("fp4") == pytest.approx(0.5625)
+    assert ar.bytes_per_param("nf4", double_quant=True) == pytest.approx(0.5 + 1 / 64 + 4 / (64 * 256))
+
+
+@pytest.mark.parametrize("bad", ["int4", "float8", torch.int8, None, 2])
+def test_bad_dtype_names_value_and_choices(bad):
+    with pytest.raises(ValueError, match="fp32, bf16, fp16, int8, nf4, fp4") as err:
+        ar.bytes_per_param(bad)
+    assert repr(bad) in str(err.value)
+
+
+def test_bad_row_size():
+    with pytest.raises(ValueError, match="row_size"):
+        ar.bytes_per_param("int8", row_size=0)
+
+
+# --------------------------------------------------------------------------- weights and blocks
+
+def test_float_weight_bytes(llama7b):
+    n = ar.count_parameters(llama7b)
+    assert ar.weight_bytes(llama7b, "fp32") == 4 * n
+    assert ar.weight_bytes(llama7b, torch.bfloat16) == 2 * n
+
+
+def test_quantized_weight_bytes_by_hand():
+    config = tiny_llama()  # every Linear has a multiple of 64 weights
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    q = sum(m.weight.numel() for m in linears.values())
+    rows = sum(m.out_features for m in linears.values())
+    rest = 2 * (ar.count_parameters(config) - q)
+    assert ar.weight_bytes(config, "int8") == q + 4 * rows + rest
+    assert ar.weight_bytes(config, "nf4") == q // 2 + 4 * (q // 64) + rest
+    blocks = [m.weight.numel() // 64 for m in linears.values()]
+    nested = sum(b + 4 * math.ceil(b / 256) + 4 for b in blocks)
+    assert ar.weight_bytes(config, "nf4", double_quant=True) == q // 2 + nested + rest
+
+
+def test_skip_modules_keeps_lm_head_unquantized(llama7b):
+    head = 32000 * 4096
+    keep = ar.weight_bytes(llama7b, "nf4")
+    quantize_all = ar.weight_bytes(llama7b, "nf4", skip_modules=())
+    assert keep - quantize_all == 2 * head - (head // 2 + 4 * head // 64)
+    assert ar.weight_bytes(llama7b, "nf4") < ar.weight_bytes(llama7b, "int8") < ar.weight_bytes(llama7b, "fp16")
+
+
+def test_gpt2_conv1d_is_quantized():
+    gpt3 = ar.known_config("gpt-3-175b")
+    assert ar.weight_bytes(gpt3, "int8") < 0.55 * ar.weight_bytes(gpt3, "fp16")
+
+
+def test_block_bytes_order_and_sum(llama7b, book):
+    blocks = ar.block_bytes(llama7b, "fp16")
+    names = ["model.embed_tokens"] + [f"model.layers.{i}" for i in range(32)] + ["model.norm", "lm_head"]
+    assert list(blocks) == names
+    assert sum(blocks.values()) == ar.weight_bytes(llama7b, "fp16")
+    assert blocks["lm_head"] == 32000 * 4096 * 2
+    tied = ar.block_bytes(book, "fp32")
+    assert tied["lm_head"] == 0 and tied["model.embed_tokens"] == 49152 * 576 * 4
+    assert sum(tied.values()) == ar.weight_bytes(book, "fp32")
+    assert sum(ar.block_bytes(llama7b, "nf4").values()) == ar.weight_bytes(llama7b, "nf4")
+
+
+def test_block_bytes_rejects_unknown_argument(llama7b):
+    with pytest.raises(ValueError, match="unexpected"):
+        ar.block_bytes(llama7b, "fp16", skip=("lm_head",))
+
+
+def test_block_bytes_other_architectures():
+    mpt = ar.block_bytes(ar.known_config("mpt-30b"), "bf16")
+    assert list(mpt)[0] == "transformer.wte" and list(mpt)[-2:] == ["transformer.norm_f", "lm_head"]
+    assert len(mpt) == 48 + 3
+
+
+# --------------------------------------------------------------------------- runtime tensors
+
+@pytest.mark.parametrize("kv_heads,head_dim", [(2, 24), (4, None), (1, 16)])
+def test_kv_cache_matches_dynamic_cache(kv_heads, head_dim):
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_llama(num_key_value_heads=kv_heads, head_dim=head_dim)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(0, 101, (2, 7))
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).past_key_values
+    measured = 0
+    for layer in cache.layers:
+        measured += layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+    assert ar.kv_cache_bytes(config, 2, 7, "fp32") == measured
+
+
+def test_kv_cache_gqa_and_mqa(llama7b):
+    seventy = ar.known_config("llama-2-70b")
+    assert ar.kv_cache_bytes(seventy, 1, 4096, "fp16") == 2 * 80 * 4096 * 8 * 128 * 2
+    assert ar.kv_cache_bytes(llama7b, 1, 4096, "fp16") == 2 * 32 * 4096 * 32 * 128 * 2
+    assert ar.kv_cache_bytes(ar.known_config("starcoder-15.5b"), 1, 100, "fp16") == 2 * 40 * 100 * 1 * 128 * 2
+    assert ar.kv_cache_bytes(ar.known_config("falcon-40b"), 1, 100, "bf16") == 2 * 60 * 100 * 8 * 64 * 2
+
+
+@pytest.mark.parametrize("fn", [ar.kv_cache_bytes, ar.activation_bytes])
+def test_runtime_bad_inputs(fn, llama7b):
+    with pytest.raises(ValueError, match="batch_size 0"):
+        fn(llama7b, 0, 10, "fp16")
+    with pytest.raises(ValueError, match="seq_len"):
+        fn(llama7b, 1, 2.5, "fp16")
+    with pytest.raises(ValueError, match="'nf4'"):
+        fn(llama7b, 1, 10, "nf4")
+
+
+def test_activation_bytes_grows_with_tokens(book):
+    small = ar.activation_bytes(book, 1, 64, "fp32")
+    assert ar.activation_bytes(book, 2, 64, "fp32") == 2 * small
+    assert ar.activation_bytes(book, 1, 64, "bf16") * 2 == small
+    assert small >= 64 * 49152 * 4  # the logits alone
+
+
+# --------------------------------------------------------------------------- ledger and feasibility
+
+def test_estimate_ledger(book):
+    ledger = ar.estimate(book, "fp32", 1, 128)
+    assert ledger.total == ledger.weights + ledger.kv_cache + ledger.activations + ledger.overhead
+    assert ledger.overhead == 0 and ledger.weights == ar.weight_bytes(book, "fp32")
+    text = ledger.table()
+    assert "total" in text and "weights" in text and str(ledger) == text
+    assert ar.estimate(book, "fp32", device="cuda").overhead == ar.CUDA_CONTEXT_BYTES
+    converting = ar.estimate(book, "fp32", 1, 128, checkpoint_dtype="fp16")
+    assert converting.total == max(ledger.total, ledger.weights + ar.weight_bytes(book, "fp16"))
+
+
+def test_zero_copy_leaves_untied_embeddings_on_disk(llama7b):
+    full = ar.estimate(llama7b, "bf16", 1, 10)
+    mapped = ar.estimate(llama7b, "bf16", 1, 10, checkpoint_dtype="bf16")
+    assert full.weights - mapped.weights == (32000 - 10) * 4096 * 2
+
+
+def test_estimate_plot(book):
+    import matplotlib
+    matplotlib.use("Agg")
+    ax = ar.estimate(book, "bf16", label="book").plot()
+    assert ax.get_ylabel() == "memory (GiB)" and len(ax.patches) == 4
+
+
+def test_estimate_bad_inputs(book):
+    with pytest.raises(ValueError, match="'tpu'"):
+        ar.estimate(book, "fp16", device="tpu")
+    with pytest.raises(ValueError, match="'fp8'"):
+        ar.estimate(book, "fp8")
+
+
+def test_feasibility_for_a_t4(llama7b):
+    seventy = ar.known_config("llama-2-70b")
+    assert ar.feasibility(llama7b, "nf4", "16GB", "32GB") == "fits on GPU"
+    assert ar.feasibility(ar.known_config("starcoder-15.5b"), "fp16", "16GB", "32GB") == "needs CPU offload"
+    assert ar.feasibility(seventy, "nf4", "16GB", "32GB") == "needs CPU offload"
+    assert ar.feasibility(seventy, "int8", "16GB", "32GB") == "needs disk offload"
+    assert ar.feasibility(seventy, "fp16", "16GB", "32GB") == "needs streaming"
+    assert ar.feasibility(seventy, "fp16", "1GB", "32GB") == "does not fit"
+    with pytest.raises(ValueError, match="16 parsecs"):
+        ar.feasibility(llama7b, "fp16", "16 parsecs", "32GB")
