@@ -1,0 +1,298 @@
+"""Chapter 08's benchmark: layer streaming against the disk's bound, accelerate disk offload and AirLLM.
+
+    python benchmarks/streaming.py [--size 2GB] [--small] [--batch 4] [--seq 16] [--json out.json]
+
+Writes a synthetic Llama (``helpers.models.synthetic_llama``) of at least ``--size`` to a temporary
+directory, splits it by layer, and measures in one run, on the same model, prompt and batch, each in its
+own subprocess (so each peak RSS is clean): the disk's cold read bandwidth for the layer files; the
+in-memory forward time; ``LayerStreamer`` with and without prefetch (page cache dropped before each pass);
+accelerate's disk offload (``load_checkpoint_and_dispatch``, decoder layers and lm_head on "disk"); AirLLM
+if it is installed. It prints a table and the targets, writes JSON, and deletes what it wrote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from helpers.memory import format_size, measure, parse_size
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+BIG = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=16, num_key_value_heads=16,
+           vocab_size=32000, tie_word_embeddings=False)
+SMALL = dict(hidden_size=768, intermediate_size=2048, num_attention_heads=12, num_key_value_heads=12,
+             vocab_size=16000, tie_word_embeddings=False)
+TARGET_BOUND, TARGET_RSS = 1.15, 0.15
+
+
+def make_config(base: dict, size: int, dtype: str) -> dict:
+    """Enough decoder layers on ``base`` for the weights to reach ``size`` bytes."""
+    from helpers.arithmetic import block_bytes
+    from transformers import LlamaConfig
+
+    one = block_bytes(LlamaConfig(**base, num_hidden_layers=1), dtype)
+    layer, rest = one["model.layers.0"], sum(v for k, v in one.items() if k != "model.layers.0")
+    return dict(base, num_hidden_layers=max(2, math.ceil((size - rest) / layer)), max_position_embeddings=4096)
+
+
+def layer_files(layers: Path) -> list[Path]:
+    index = json.loads((layers / "layers.index.json").read_text())
+    return [layers / f for f in index["files"].values()]
+
+
+# --------------------------------------------------------------------------- variants (one per subprocess)
+
+def run_disk(a) -> dict:
+    """Cold read of every layer file (pages dropped first), two ways, interleaved; best of ``--repeat`` each."""
+    from safetensors.torch import load_file
+
+    from helpers.streaming import drop_page_cache, read_safetensors
+
+    files = layer_files(a.layers)
+    nbytes = sum(f.stat().st_size for f in files)
+    buf = torch.empty(max(f.stat().st_size for f in files), dtype=torch.uint8)
+    def mmap_and_touch(f):  # load_file maps the file; touching one byte per 4 KiB page makes it really read
+        for t in load_file(f).values():
+            t.reshape(-1).view(torch.uint8)[::4096].sum()
+
+    readers = {"readinto": lambda f: read_safetensors(f, out=buf), "safetensors": mmap_and_touch}
+    times: dict[str, list[float]] = {k: [] for k in readers}
+    for _ in range(a.repeat):
+        for name, read in readers.items():
+            drop_page_cache(files)
+            t0 = time.perf_counter()
+            for f in files:
+                read(f)
+            times[name].append(time.perf_counter() - t0)
+    drop_page_cache(files)
+    return {name: {"seconds": min(t), "bytes": nbytes, "bandwidth": nbytes / min(t)} for name, t in times.items()}
+
+
+def _prompt(a, vocab: int) -> torch.Tensor:
+    return torch.randint(vocab, (a.batch, a.seq), generator=torch.Generator().manual_seed(0))
+
+
+def _timed_passes(a, one_pass, files) -> tuple[list[float], object]:
+    times, out = [], None
+    for k in range(a.repeat + 1):  # the first pass warms up (allocations, thread start) and is not counted
+        drop_page_cache_all(files)
+        t0 = time.perf_counter()
+        out = one_pass()
+        if k:
+            times.append(time.perf_counter() - t0)
+    return times, out
+
+
+def drop_page_cache_all(files) -> None:
+    from helpers.streaming import drop_page_cache
+    drop_page_cache(files)
+
+
+def run_inmemory(a) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    with measure() as m:
+        model = AutoModelForCausalLM.from_pretrained(a.model, dtype=DTYPES[a.dtype]).eval()
+        ids = _prompt(a, model.config.vocab_size)
+        with torch.inference_mode():
+            times, logits = _timed_passes(a, lambda: model(ids).logits, [])
+    torch.save(logits[:, -1].float().clone(), a.out / "inmemory.pt")
+    return {"seconds": min(times), "times": times, "peak_rss": m.cpu_peak_bytes}
+
+
+def run_stream(a) -> dict:
+    from helpers.streaming import LayerStreamer
+
+    files = layer_files(a.layers)
+    st = LayerStreamer(a.layers, device="cpu", dtype=DTYPES[a.dtype], prefetch=a.variant == "stream-prefetch",
+                       drop_page_cache=True, progress=False)
+    ids = _prompt(a, st.config.vocab_size)
+    with measure() as m:
+        times, logits = _timed_passes(a, lambda: st.forward(ids), files)
+    ref = torch.load(a.out / "inmemory.pt", weights_only=True)
+    st.close()
+    return {"seconds": min(times), "times": times, "peak_rss": m.cpu_peak_bytes, "bytes_per_pass": st.bytes_per_pass,
+            "max_abs_diff": float((logits[:, -1] - ref).abs().max()), "timeline": st.timeline}
+
+
+def run_accelerate(a) -> dict:
+    from accelerate import init_empty_weights, load_checkpoint_and_dispatch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(a.model)
+    offload = Path(tempfile.mkdtemp(prefix="offload-", dir=a.out))
+    with measure() as m:
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[a.dtype])
+        device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "disk",
+                      **{f"model.layers.{i}": "disk" for i in range(config.num_hidden_layers)}}
+        model = load_checkpoint_and_dispatch(model, str(a.model), device_map=device_map, offload_folder=str(offload),
+                                             dtype=DTYPES[a.dtype]).eval()
+        ids = _prompt(a, config.vocab_size)
+        files = list(a.model.glob("*.safetensors")) + [p for p in offload.rglob("*") if p.is_file()]
+        with torch.inference_mode():
+            times, logits = _timed_passes(a, lambda: model(ids).logits, files)
+    ref = torch.load(a.out / "inmemory.pt", weights_only=True)
+    offloaded = sum(p.stat().st_size for p in offload.rglob("*") if p.is_file())
+    return {"seconds": min(times), "times": times, "peak_rss": m.cpu_peak_bytes, "offload_folder_bytes": offloaded,
+            "max_abs_diff": float((logits[:, -1].float() - ref).abs().max())}
+
+
+def run_airllm(a) -> dict:
+    from airllm import AutoModel  # optional extra, never a requirement
+
+    shards = a.out / "airllm"
+    from helpers.models import book_model_dir
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # AirLLM loads a tokenizer; lend it the book model's
+        if not (a.model / name).exists():
+            shutil.copyfile(book_model_dir() / name, a.model / name)
+    model = AutoModel.from_pretrained(str(a.model), device="cpu", dtype=DTYPES[a.dtype],
+                                      layer_shards_saving_path=str(shards))  # splits the model once, untimed
+    ids = _prompt(a, model.config.vocab_size)
+    files = [p for p in shards.rglob("*") if p.is_file()]
+    with measure() as m:
+        with torch.inference_mode():
+            times, out = _timed_passes(a, lambda: model(ids, use_cache=False).logits, files)
+    ref = torch.load(a.out / "inmemory.pt", weights_only=True)
+    return {"seconds": min(times), "times": times, "peak_rss": m.cpu_peak_bytes,
+            "max_abs_diff": float((out[:, -1].float() - ref).abs().max())}
+
+
+VARIANTS = {"read": run_disk, "inmemory": run_inmemory,
+            "stream-prefetch": run_stream, "stream-no-prefetch": run_stream, "accelerate-disk": run_accelerate,
+            "airllm": run_airllm}
+
+
+# --------------------------------------------------------------------------- the driver
+
+def run_variant(a, variant: str) -> dict:
+    cmd = [sys.executable, __file__, "--variant", variant, "--model", str(a.model), "--layers", str(a.layers),
+           "--out", str(a.out), "--batch", str(a.batch), "--seq", str(a.seq), "--dtype", a.dtype,
+           "--repeat", str(a.repeat)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1"))
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]}
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--size", default="2GB", help="at least this many bytes of weights (default 2GB)")
+    p.add_argument("--small", action="store_true", help="a ~250 MB model, for the chapter")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=16)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--repeat", type=int, default=2, help="timed passes per variant (best is reported)")
+    p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument("--workdir", type=Path, default=None, help="where the temporary model goes (default: a temp dir)")
+    p.add_argument("--variant", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
+    p.add_argument("--model", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--layers", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.batch < 1 or a.seq < 1 or a.repeat < 1:
+        p.error(f"--batch {a.batch}, --seq {a.seq} and --repeat {a.repeat} must be >= 1")
+    if a.variant:  # we are one measurement, in our own process
+        print("RESULT " + json.dumps(VARIANTS[a.variant](a)))
+        return {}
+    size = parse_size("250MB" if a.small else a.size)
+    from helpers.arithmetic import activation_bytes, block_bytes
+    from helpers.checkpoints import split_by_layer
+    from helpers.models import synthetic_llama
+    from transformers import LlamaConfig
+
+    fields = make_config(SMALL if a.small else BIG, size, a.dtype)
+    config = LlamaConfig(**fields)
+    created = a.workdir is None
+    work = Path(tempfile.mkdtemp(prefix="streaming-bench-")) if created else a.workdir
+    try:
+        a.model, a.layers, a.out = work / "model", work / "layers", work / "out"
+        a.out.mkdir(parents=True, exist_ok=True)
+        synthetic_llama(a.model, config, dtype=DTYPES[a.dtype], max_shard_size="1GB", progress=False)
+        split_by_layer(a.model, a.layers, progress=False)
+        variants = ["read", "inmemory", "stream-prefetch", "stream-no-prefetch",
+                    "accelerate-disk"]
+        if importlib.util.find_spec("airllm") is not None:
+            variants.append("airllm")
+        results = {}
+        for v in variants:
+            print(f"measuring {v} ...", flush=True)
+            results[v] = run_variant(a, v)
+        reads = results.pop("read")
+        results = {**{f"read ({k})": v for k, v in (reads.items() if "error" not in reads else [("readinto", reads)])},
+                   **results}
+    finally:
+        if created:
+            shutil.rmtree(work, ignore_errors=True)
+    blocks = block_bytes(config, a.dtype)
+    predicted = 2 * max(blocks.values()) + activation_bytes(config, a.batch, a.seq, a.dtype)
+    disk = max((r for k, r in results.items() if k.startswith("read") and "error" not in r),
+               key=lambda r: r["bandwidth"], default={"error": "no read"})
+    stream = results["stream-prefetch"]
+    report = {"config": fields, "dtype": a.dtype, "batch": a.batch, "seq": a.seq, "weights_bytes": sum(blocks.values()),
+              "disk_bandwidth": disk.get("bandwidth"), "results": results, "predicted_stream_rss": predicted}
+    if "error" not in stream and "error" not in disk and "error" not in results["inmemory"]:
+        bound = max(stream["bytes_per_pass"] / disk["bandwidth"], results["inmemory"]["seconds"])
+        report.update(bound=bound, stream_vs_bound=stream["seconds"] / bound,
+                      rss_vs_predicted=stream["peak_rss"] / predicted)
+        acc = results["accelerate-disk"]
+        if "error" not in acc:
+            report["accelerate_vs_stream"] = acc["seconds"] / stream["seconds"]
+        if "seconds" in results.get("airllm", {}):
+            report["airllm_vs_stream"] = results["airllm"]["seconds"] / stream["seconds"]
+    print_table(report)
+    if a.json:
+        tmp = a.json.with_name(a.json.name + ".tmp")
+        tmp.write_text(json.dumps(report, indent=1))
+        os.replace(tmp, a.json)
+    return report
+
+
+def print_table(r: dict) -> None:
+    """The table the chapter shows: one row per variant, then the targets."""
+    print(f"\nsynthetic Llama, {r['config']['num_hidden_layers']} layers, {format_size(r['weights_bytes'])} of "
+          f"{r['dtype']} weights; batch {r['batch']} x {r['seq']} tokens")
+    print(f"{'variant':<22}{'s / pass':>12}{'vs bound':>10}{'peak RSS':>14}   note")
+    bound = r.get("bound")
+    for name, res in r["results"].items():
+        if "error" in res:
+            print(f"{name:<22}{'-':>12}{'-':>10}{'-':>14}   failed: {res['error']}")
+            continue
+        ratio = f"{res['seconds'] / bound:.2f} ×" if bound and not name.startswith("read") else ""
+        rss = format_size(res["peak_rss"]) if "peak_rss" in res else ""
+        note = f"{res['bandwidth'] / 1e9:.2f} GB/s cold" if "bandwidth" in res else ""
+        print(f"{name:<22}{res['seconds']:>10.2f} s{ratio:>10}{rss:>14}   {note}")
+    if "airllm" not in r["results"]:
+        print(f"{'airllm':<22}{'-':>12}{'-':>10}{'-':>14}   not installed (optional extra)")
+    if bound is None:
+        print("targets: not computed (a variant failed)")
+        return
+    print(f"\nbound = max(bytes / disk bandwidth, in-memory compute) = {bound:.2f} s per pass")
+    ok = lambda c: "met" if c else "NOT met"  # noqa: E731
+    print(f"streaming with prefetch: {r['stream_vs_bound']:.2f} × the bound "
+          f"(target <= {TARGET_BOUND} ×: {ok(r['stream_vs_bound'] <= TARGET_BOUND)})")
+    if "accelerate_vs_stream" in r:
+        print(f"accelerate disk offload is {r['accelerate_vs_stream']:.2f} × slower than streaming "
+              f"(target > 1 ×: {ok(r['accelerate_vs_stream'] > 1)})")
+    if "airllm_vs_stream" in r:
+        print(f"AirLLM is {r['airllm_vs_stream']:.2f} × slower than streaming")
+    print(f"streaming peak RSS {format_size(r['results']['stream-prefetch']['peak_rss'])} vs predicted "
+          f"{format_size(r['predicted_stream_rss'])} (two blocks + activations): "
+          f"{(r['rss_vs_predicted'] - 1) * 100:+.1f} % (target within ±{TARGET_RSS * 100:.0f} %: "
+          f"{ok(abs(r['rss_vs_predicted'] - 1) <= TARGET_RSS)})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,375 @@
+"""Layer streaming: run a model bigger than memory one block at a time, the whole batch per block.
+
+Built in chapter 08. ``LayerStreamer`` reads the per-layer files that ``helpers.checkpoints.split_by_layer``
+writes (chapter 03). The model's skeleton lives on the ``meta`` device; for each block in execution order
+the streamer loads that block's weights (a background thread reads the *next* block meanwhile), runs the
+whole batch through it, and sends it back to ``meta``. At most two blocks of weights are resident, plus
+the activations and the KV cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence, Union
+
+import torch
+
+__all__ = ["LayerStreamer", "read_safetensors", "drop_page_cache", "INDEX_NAME"]
+
+INDEX_NAME = "layers.index.json"
+_FORMAT = "helpers-layers/1"
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def drop_page_cache(paths: Iterable[Union[str, Path]]) -> None:
+    """Ask the kernel to forget these files' cached pages, so the next read comes from the disk. Built in chapter 08."""
+    if not hasattr(os, "posix_fadvise"):
+        return  # not Linux: nothing we can do without privileges
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def read_safetensors(path: Union[str, Path], *, out: Optional[torch.Tensor] = None, pin_memory: bool = False,
+                     drop_cache: bool = False) -> tuple[dict[str, torch.Tensor], int]:
+    """Read a whole safetensors file with one ``readinto`` into one buffer; tensors are views of it. Built in chapter 08.
+
+    Returns ``(tensors, bytes_read)``. ``out``: a preallocated uint8 buffer to read into (reused from
+    block to block, so no page is allocated twice) when it is big enough. ``pin_memory=True`` allocates
+    page-locked memory (for fast, asynchronous copies to a GPU); ``drop_cache=True`` drops the file's
+    pages from the page cache afterwards.
+    """
+    with open(path, "rb", buffering=0) as f:
+        if hasattr(os, "posix_fadvise"):  # one front-to-back read: let the kernel read ahead further
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+        size = os.fstat(f.fileno()).st_size - 8 - header_len
+        fits = out is not None and out.dtype == torch.uint8 and out.numel() >= size
+        buf = out[:size] if fits else torch.empty(size, dtype=torch.uint8, pin_memory=pin_memory)
+        view, got = memoryview(buf.numpy()), 0
+        while got < size:  # one system call reads it all, unless the kernel stops short
+            n = f.readinto(view[got:])
+            if not n:
+                raise OSError(f"{path} ended after {got} of {size} data bytes; the file is truncated")
+            got += n
+        if drop_cache and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        raw = buf[start:end]
+        dtype = _DTYPES[info["dtype"]]
+        if start % dtype.itemsize:  # unaligned (never for files safetensors writes): copy
+            raw = raw.clone()
+        tensors[name] = raw.view(dtype).reshape(info["shape"])
+    return tensors, 8 + header_len + size
+
+
+class LayerStreamer:
+    """Run a causal LM from a directory of per-layer files, one block at a time. Built in chapter 08.
+
+    ``device``: where blocks compute (default CUDA when present, else CPU). ``dtype``: compute dtype
+    (default: the checkpoint's). ``prefetch``: read block i+1 in a background thread while block i
+    computes. ``drop_page_cache``: forget each file's pages after reading it, so every pass reads the disk.
+    After each pass, ``timeline`` holds one record per block: ``block``, ``bytes``, ``read_start``,
+    ``read_end``, ``compute_start``, ``compute_end`` (seconds since the pass started).
+    """
+
+    def __init__(self, layer_dir: Union[str, Path], *, device: Union[str, torch.device, None] = None,
+                 dtype: Optional[torch.dtype] = None, prefetch: bool = True, drop_page_cache: bool = False,
+                 progress: bool = True):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.layer_dir = Path(layer_dir)
+        index_path = self.layer_dir / INDEX_NAME
+        if not index_path.is_file():
+            raise FileNotFoundError(f"{self.layer_dir} has no {INDEX_NAME}: it is not a complete per-layer split "
+                                    "(make one with helpers.checkpoints.split_by_layer)")
+        self.index = json.loads(index_path.read_text())
+        if self.index.get("format") != _FORMAT:
+            raise ValueError(f"{index_path} has format {self.index.get('format')!r}; expected {_FORMAT!r}")
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise ValueError(f"dtype {dtype!r} must be a floating-point torch.dtype such as torch.float32")
+        self.device = torch.device(device if device is not None else
+                                   ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asks for CUDA, but torch.cuda.is_available() is False")
+        self.config = AutoConfig.from_pretrained(self.layer_dir)
+        stored = self.config.dtype if isinstance(self.config.dtype, torch.dtype) else \
+            getattr(torch, str(self.config.dtype or "float32").replace("torch.", ""))
+        self.dtype = dtype or stored
+        self.prefetch, self.drop_page_cache, self.progress = prefetch, drop_page_cache, progress
+        with torch.device("meta"):
+            self.model = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype).eval()
+        rotary = self.model.model.rotary_emb  # buffers only: rebuild it for real on the device
+        self.rotary_emb = type(rotary)(config=self.model.config).to(self.device)
+        self.blocks: list[str] = list(self.index["blocks"])
+        self._sources = {b: self._sources_of(b) for b in self.blocks}
+        self._cuda = self.device.type == "cuda"
+        self._copy_stream = torch.cuda.Stream(self.device) if self._cuda else None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-reader")
+        self._slots: list[Optional[torch.Tensor]] = [None, None]  # two read buffers, reused in turn
+        self.timeline: list[dict] = []
+
+    # ------------------------------------------------------------------ loading one block
+    def _sources_of(self, block: str) -> list[tuple[Path, dict[str, str]]]:
+        """Files to read for a block, each with {name in file: name in block}; tied weights come from their source."""
+        files, out = self.index["files"], []
+        if block in files:
+            out.append((self.layer_dir / files[block], {}))
+        for target, source in self.index.get("tied", {}).items():
+            if target.startswith(block + ".") and block not in files:
+                src_block = next(b for b in files if source.startswith(b + "."))
+                out.append((self.layer_dir / files[src_block], {source: target}))
+        if not out:
+            raise ValueError(f"block {block!r} of {self.layer_dir / INDEX_NAME} has no file and no tied source")
+        return out
+
+    def _slot(self, i: int) -> torch.Tensor:
+        """Read buffer i % 2, as big as the biggest file: block i reads into it while block i - 1 computes."""
+        if self._slots[i % 2] is None:
+            size = max(os.path.getsize(p) for b in self.blocks for p, _ in self._sources[b])
+            self._slots[i % 2] = torch.empty(size, dtype=torch.uint8, pin_memory=self._cuda)
+        return self._slots[i % 2]
+
+    def _load(self, i: int) -> dict:
+        """Read block i's tensors (in the reader thread), move them to the device, convert the dtype."""
+        block = self.blocks[i]
+        t0, state, nbytes = time.perf_counter(), {}, 0
+        sources = self._sources[block]
+        for path, rename in sources:
+            out = self._slot(i) if len(sources) == 1 else None
+            tensors, n = read_safetensors(path, out=out, pin_memory=self._cuda, drop_cache=self.drop_page_cache)
+            nbytes += n
+            for name, t in tensors.items():
+                if rename and name not in rename:
+                    continue
+                state[rename.get(name, name)[len(block) + 1:]] = t
+        event = None
+        if self._cuda:  # copy on a side stream so it overlaps the previous block's compute
+            with torch.cuda.stream(self._copy_stream):
+                state = {k: v.to(self.device, non_blocking=True) for k, v in state.items()}
+                event = torch.cuda.Event()
+                event.record(self._copy_stream)
+        state = {k: v.to(self.dtype) if v.is_floating_point() and v.dtype != self.dtype else v
+                 for k, v in state.items()} if not self._cuda else state
+        return {"state": state, "bytes": nbytes, "event": event, "read_start": t0, "read_end": time.perf_counter()}
+
+    def _stream(self, step: Callable[[str, torch.nn.Module], None], desc: str = "blocks") -> None:
+        """One pass: for each block, load it (prefetching the next), call ``step(name, module)``, free it."""
+        from tqdm.auto import tqdm
+
+        t0, timeline = time.perf_counter(), []
+        pending: Optional[Future] = None
+        bar = tqdm(self.blocks, desc=desc, unit="block", leave=False, disable=not self.progress)
+        try:
+            if self.prefetch:
+                pending = self._pool.submit(self._load, 0)
+            for i, block in enumerate(bar):
+                if self.prefetch:
+                    loaded = pending.result()
+                    pending = self._pool.submit(self._load, i + 1) if i + 1 < len(self.blocks) else None
+                else:
+                    loaded = self._load(i)
+                module = self.model.get_submodule(block)
+                state = loaded.pop("state")
+                if self._cuda:
+                    torch.cuda.current_stream(self.device).wait_event(loaded["event"])
+                    state = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in state.items()}
+                module.load_state_dict(state, strict=True, assign=True)
+                del state
+                c0 = time.perf_counter()
+                with torch.inference_mode():
+                    step(block, module)
+                if self._cuda:
+                    torch.cuda.synchronize(self.device)
+                c1 = time.perf_counter()
+                module.to("meta")  # free the block's weights
+                timeline.append({"block": block, "bytes": loaded["bytes"], "read_start": loaded["read_start"] - t0,
+                                 "read_end": loaded["read_end"] - t0, "compute_start": c0 - t0,
+                                 "compute_end": c1 - t0})
+        finally:
+            bar.close()
+            if pending is not None:  # an error mid-pass: wait for the reader, then drop what it read
+                pending.cancel() or pending.exception()
+            self.model.to("meta")
+        self.timeline = timeline
+
+    # ------------------------------------------------------------------ inputs
+    def _ids(self, ids, what: str) -> torch.Tensor:
+        ids = torch.as_tensor(ids)
+        if ids.dim() == 1:
+            ids = ids[None]
+        if ids.dim() != 2 or ids.numel() == 0 or ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"{what} must be a non-empty (batch, seq) tensor of token ids; got shape "
+                             f"{tuple(ids.shape)} and dtype {ids.dtype}")
+        if int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size:
+            raise ValueError(f"{what} holds ids outside [0, {self.config.vocab_size}) (the vocabulary): "
+                             f"min {int(ids.min())}, max {int(ids.max())}")
+        return ids.long().to(self.device)
+
+    def _mask(self, attention_mask, ids: torch.Tensor) -> Optional[torch.Tensor]:
+        if attention_mask is None:
+            return None
+        mask = torch.as_tensor(attention_mask)
+        if mask.dim() == 1:
+            mask = mask[None]
+        if tuple(mask.shape) != tuple(ids.shape):
+            raise ValueError(f"attention_mask has shape {tuple(mask.shape)}; expected {tuple(ids.shape)}, "
+                             "the shape of input_ids")
+        return mask.long().to(self.device)
+
+    # ------------------------------------------------------------------ passes
+    def _pass(self, ids, mask, cache, position_ids, last_only: bool, desc: str) -> torch.Tensor:
+        from transformers.masking_utils import create_causal_mask
+
+        s: dict = {}
+
+        def step(block: str, module: torch.nn.Module) -> None:
+            if block == "model.embed_tokens":
+                s["h"] = module(ids)
+                past = cache.get_seq_length() if cache is not None else 0
+                s["pos"] = position_ids if position_ids is not None else \
+                    torch.arange(past, past + ids.shape[1], device=self.device)[None]
+                s["mask"] = create_causal_mask(config=self.model.config, inputs_embeds=s["h"], attention_mask=mask,
+                                               past_key_values=cache, position_ids=s["pos"])
+                s["pe"] = self.rotary_emb(s["h"], position_ids=s["pos"])
+            elif block.startswith("model.layers."):
+                s["h"] = module(s["h"], attention_mask=s["mask"], position_ids=s["pos"], past_key_values=cache,
+                                use_cache=cache is not None, position_embeddings=s["pe"])
+            elif block == "model.norm":
+                s["h"] = module(s["h"][:, -1:] if last_only else s["h"])
+            elif block == "lm_head":
+                s["logits"] = module(s["h"]).float()
+
+        self._stream(step, desc)
+        return s["logits"]
+
+    def forward(self, input_ids, attention_mask=None, *, last_only: bool = False) -> torch.Tensor:
+        """Logits (batch, seq, vocab) in float32, or (batch, 1, vocab) with ``last_only``. Built in chapter 08."""
+        ids = self._ids(input_ids, "input_ids")
+        return self._pass(ids, self._mask(attention_mask, ids), None, None, last_only, "forward")
+
+    __call__ = forward
+
+    def generate(self, input_ids, max_new_tokens: int, *, do_sample: bool = False, temperature: float = 1.0,
+                 top_p: float = 1.0, attention_mask=None, seed: Optional[int] = None,
+                 eos_token_id: Optional[int] = None) -> torch.Tensor:
+        """Prompt plus up to ``max_new_tokens`` new ids; one streamed pass per token, KV cache per layer. Built in chapter 08.
+
+        Greedy by default (identical to ``model.generate(do_sample=False)``); ``do_sample`` samples with
+        ``temperature`` and nucleus ``top_p``. With ``eos_token_id`` it stops once every row has produced it.
+        """
+        from transformers import DynamicCache
+
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens {max_new_tokens!r} must be an int >= 1")
+        if do_sample and not (temperature > 0 and 0 < top_p <= 1):
+            raise ValueError(f"temperature {temperature!r} must be > 0 and top_p {top_p!r} in (0, 1]")
+        ids = self._ids(input_ids, "input_ids")
+        mask = self._mask(attention_mask, ids)
+        pos = None if mask is None else (mask.cumsum(-1) - 1).clamp(min=0)  # as HF generate does for left padding
+        gen = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
+        cache, out = DynamicCache(config=self.model.config), [ids]
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=self.device)
+        logits = self._pass(ids, mask, cache, pos, True, "prefill")
+        for k in range(max_new_tokens):
+            nxt = self._pick(logits[:, -1], do_sample, temperature, top_p, gen)
+            if eos_token_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+                done |= nxt == eos_token_id
+            out.append(nxt[:, None])
+            if k + 1 == max_new_tokens or bool(done.all()):
+                break
+            if mask is not None:
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                pos = pos[:, -1:] + 1
+            logits = self._pass(nxt[:, None], mask, cache, pos, True, f"token {k + 2}")
+        return torch.cat(out, dim=1).cpu()
+
+    @staticmethod
+    def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, gen) -> torch.Tensor:
+        if not do_sample:
+            return logits.argmax(-1)
+        probs = torch.softmax(logits / temperature, dim=-1)
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # the smallest set whose mass reaches top_p
+        sorted_p = sorted_p * keep
+        choice = torch.multinomial(sorted_p / sorted_p.sum(-1, keepdim=True), 1, generator=gen)
+        return order.gather(-1, choice)[:, 0]
+
+    def score(self, prefix_ids, suffix_ids: Sequence) -> torch.Tensor:
+        """Sum log-probability of each suffix after one shared prefix; the prefix's KV is computed once per layer.
+
+        ``suffix_ids``: a list of 1-D id sequences (lengths may differ) or a (n, S) tensor. Returns a float32
+        tensor of n scores, equal to scoring each ``prefix + suffix`` separately. Built in chapter 08.
+        """
+        from transformers import DynamicCache
+
+        prefix = self._ids(prefix_ids, "prefix_ids")
+        if prefix.shape[0] != 1:
+            raise ValueError(f"prefix_ids must be one sequence; got a batch of {prefix.shape[0]}")
+        if isinstance(suffix_ids, torch.Tensor) and suffix_ids.dim() == 2:
+            suffix_ids = list(suffix_ids)
+        if not isinstance(suffix_ids, (list, tuple)) or not suffix_ids:
+            raise ValueError("suffix_ids must be a non-empty list of token-id sequences (or a 2-D tensor)")
+        suffixes = [self._ids(s, f"suffix_ids[{i}]")[0] for i, s in enumerate(suffix_ids)]
+        n, P = len(suffixes), prefix.shape[1]
+        lengths = torch.tensor([len(x) for x in suffixes], device=self.device)
+        S = int(lengths.max())
+        suffix = torch.zeros(n, S, dtype=torch.long, device=self.device)
+        for i, x in enumerate(suffixes):  # right padding: causal attention never lets a real token see it
+            suffix[i, :len(x)] = x
+        allowed = torch.arange(P + S, device=self.device)[None] <= P + torch.arange(S, device=self.device)[:, None]
+        suffix_mask = allowed[None, None].expand(n, 1, S, P + S)
+        if self.model.config._attn_implementation == "eager":
+            suffix_mask = torch.zeros(suffix_mask.shape, dtype=self.dtype, device=self.device).masked_fill(
+                ~suffix_mask, torch.finfo(self.dtype).min)
+        cache, s = DynamicCache(config=self.model.config), {}
+
+        def step(block: str, module: torch.nn.Module) -> None:
+            if block == "model.embed_tokens":
+                s["p"], s["s"] = module(prefix), module(suffix)
+                s["pe_p"] = self.rotary_emb(s["p"], torch.arange(P, device=self.device)[None])
+                s["pe_s"] = self.rotary_emb(s["s"], torch.arange(P, P + S, device=self.device)[None])
+            elif block.startswith("model.layers."):
+                i = int(block.rsplit(".", 1)[1])
+                s["p"] = module(s["p"], attention_mask=None, past_key_values=cache, use_cache=True,
+                                position_embeddings=s["pe_p"])
+                layer = cache.layers[i]  # the prefix's K and V, shared (not copied) by every suffix
+                layer.keys, layer.values = layer.keys.expand(n, -1, -1, -1), layer.values.expand(n, -1, -1, -1)
+                s["s"] = module(s["s"], attention_mask=suffix_mask, past_key_values=cache, use_cache=True,
+                                position_embeddings=s["pe_s"])
+                layer.keys = layer.values = None  # this layer's cache is not needed again
+            elif block == "model.norm":
+                s["h"] = module(torch.cat([s["p"][:, -1:].expand(n, -1, -1), s["s"]], dim=1))
+            elif block == "lm_head":
+                logp = torch.log_softmax(module(s["h"][:, :-1]).float(), dim=-1)
+                token_logp = logp.gather(-1, suffix[..., None])[..., 0]
+                real = torch.arange(S, device=self.device)[None] < lengths[:, None]
+                s["scores"] = (token_logp * real).sum(-1)
+
+        self._stream(step, "score")
+        return s["scores"].cpu()
+
+    @property
+    def bytes_per_pass(self) -> int:
+        """Bytes one pass reads from disk (tied weights are read twice)."""
+        return sum(os.path.getsize(p) for b in self.blocks for p, _ in self._sources[b])
+
+    def close(self) -> None:
+        """Stop the reader thread and free the two read buffers."""
+        self._pool.shutdown(wait=True)
+        self._slots = [None, None]
