@@ -1,0 +1,149 @@
+"""Tests for helpers.attention (chapter 07): both attentions agree with PyTorch's SDPA."""
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch.nn.functional import scaled_dot_product_attention as sdpa
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from helpers.attention import flash_attention, flash_attention_2_supported, naive_attention, score_matrix_bytes
+
+
+def _qkv(batch, heads, kv_heads, seq_q, seq_k, dim, dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, seq_q, dim, generator=gen, dtype=dtype)
+    k = torch.randn(batch, kv_heads, seq_k, dim, generator=gen, dtype=dtype)
+    v = torch.randn(batch, kv_heads, seq_k, dim, generator=gen, dtype=dtype)
+    return q, k, v
+
+
+@st.composite
+def attention_cases(draw):
+    kv_heads = draw(st.integers(1, 3))
+    group = draw(st.sampled_from([1, 2, 3, 4]))  # query heads per KV head: 1 is MHA, more is GQA
+    causal = draw(st.booleans())
+    seq_q = draw(st.integers(1, 48))
+    seq_k = draw(st.integers(1, 48))
+    return dict(batch=draw(st.integers(1, 2)), heads=kv_heads * group, kv_heads=kv_heads, seq_q=seq_q,
+                seq_k=seq_k, dim=draw(st.sampled_from([1, 4, 8, 16])), causal=causal,
+                block_size=draw(st.integers(1, 64)), seed=draw(st.integers(0, 2**16)))
+
+
+@settings(max_examples=80, deadline=None)
+@given(attention_cases())
+def test_both_match_sdpa(case):
+    causal, block_size = case.pop("causal"), case.pop("block_size")
+    q, k, v = _qkv(**case)
+    expected = sdpa(q, k, v, is_causal=causal, enable_gqa=True)
+    # the same thing spelled without enable_gqa: repeat each KV head for its query heads
+    group = case["heads"] // case["kv_heads"]
+    repeated = sdpa(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), is_causal=causal)
+    torch.testing.assert_close(repeated, expected)
+    torch.testing.assert_close(naive_attention(q, k, v, causal=causal), expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(flash_attention(q, k, v, causal=causal, block_size=block_size), expected,
+                               rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_float32_tolerance(causal):
+    q, k, v = _qkv(1, 8, 2, 300, 300, 64, dtype=torch.float32)
+    expected = sdpa(q, k, v, is_causal=causal, enable_gqa=True)
+    torch.testing.assert_close(flash_attention(q, k, v, causal=causal, block_size=64), expected,
+                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(naive_attention(q, k, v, causal=causal), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_causal_is_aligned_top_left_like_sdpa():
+    q, k, v = _qkv(1, 2, 2, 3, 8, 4)  # 3 queries, 8 keys
+    out = flash_attention(q, k, v, causal=True, block_size=2)
+    # top left: query 0 sees key 0 only, so its output is exactly v[0]
+    torch.testing.assert_close(out[:, :, 0], v[:, :, 0])
+    torch.testing.assert_close(naive_attention(q, k, v, causal=True)[:, :, 0], v[:, :, 0])
+    # and keys 3..7 are seen by nobody: changing them changes nothing
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 3:] += 5.0
+    v2[:, :, 3:] -= 7.0
+    torch.testing.assert_close(flash_attention(q, k2, v2, causal=True, block_size=2), out)
+    # the bottom-right alignment (flash-attn >= 2.1, a KV-cached decoder) is a different mask
+    from torch.nn.attention.bias import causal_lower_right
+    bottom_right = sdpa(q, k, v, attn_mask=causal_lower_right(3, 8))
+    assert not torch.allclose(bottom_right, out)
+
+
+def test_gqa_query_head_reads_kv_head_h_over_group():
+    q, k, v = _qkv(1, 6, 2, 5, 5, 4)  # group of 3: heads 0-2 read KV head 0, heads 3-5 read KV head 1
+    out = flash_attention(q, k, v, block_size=2)
+    torch.testing.assert_close(out[:, 3:6], naive_attention(q[:, 3:6], k[:, 1:2], v[:, 1:2]))
+    assert not torch.allclose(out[:, 3:6], naive_attention(q[:, 3:6], k[:, 0:1], v[:, 0:1]))
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Record the largest tensor any operation creates."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash_never_holds_more_than_a_block_of_scores(causal):
+    batch, heads, seq, dim, block = 1, 4, 128, 4, 16
+    q, k, v = _qkv(batch, heads, 2, seq, seq, dim, dtype=torch.float32)
+    bound = max(q.numel(), batch * heads * block * block)  # inputs/output, or one tile of scores
+    with _LargestTensor() as flash:
+        flash_attention(q, k, v, causal=causal, block_size=block)
+    with _LargestTensor() as naive:
+        naive_attention(q, k, v, causal=causal)
+    assert flash.largest <= bound, (flash.largest, bound)
+    assert naive.largest >= batch * heads * seq * seq  # the full score matrix, 32 times the bound
+
+
+@pytest.mark.parametrize("fn", [naive_attention, flash_attention])
+@pytest.mark.parametrize("shapes, message", [
+    (((2, 4, 8, 16), (2, 4, 8), (2, 4, 8, 16)), "k has shape"),
+    (((2, 4, 8, 16), (2, 3, 8, 16), (2, 3, 8, 16)), "4 heads and k, v have 3"),
+    (((2, 4, 8, 16), (2, 2, 8, 8), (2, 2, 8, 16)), "head_dim 16"),
+    (((2, 4, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16)), "batch sizes 2, 1, 1"),
+    (((2, 4, 8, 16), (2, 2, 8, 16), (2, 2, 9, 16)), "v has shape (2, 2, 9, 16)"),
+    (((4, 8, 16), (2, 2, 8, 16), (2, 2, 8, 16)), "q has shape (4, 8, 16)"),
+    (((1, 2, 0, 4), (1, 2, 3, 4), (1, 2, 3, 4)), "at least 1"),
+])
+def test_bad_shapes_are_named(fn, shapes, message):
+    q, k, v = (torch.zeros(s) for s in shapes)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        fn(q, k, v)
+
+
+def test_bad_dtype_and_block_size():
+    q = torch.zeros(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="dtype torch.int64"):
+        naive_attention(q.long(), q, q)
+    with pytest.raises(ValueError, match="share dtype"):
+        flash_attention(q, q.double(), q.double())
+    for bad in (0, -3, 2.5, True, "64"):
+        with pytest.raises(ValueError, match="block_size"):
+            flash_attention(q, q, q, block_size=bad)
+
+
+def test_score_matrix_bytes():
+    assert score_matrix_bytes(1, 2, 16384) == 2 * 16384**2 * 4 == 2 * 2**30
+    assert score_matrix_bytes(2, 3, 5, 7, bytes_per_element=2) == 2 * 3 * 5 * 7 * 2
+    with pytest.raises(ValueError, match="seq_q -1"):
+        score_matrix_bytes(1, 1, -1)
+
+
+def test_flash_attention_2_capability():
+    assert not flash_attention_2_supported((7, 5))  # T4, Turing
+    assert flash_attention_2_supported((8, 0))      # A100, Ampere
+    assert flash_attention_2_supported((8, 6))
+    assert flash_attention_2_supported((9, 0))      # H100, Hopper
+    for bad in ("7.5", (7,), (7.0, 5), 75):
+        with pytest.raises(ValueError, match="capability"):
+            flash_attention_2_supported(bad)
