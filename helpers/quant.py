@@ -1,0 +1,192 @@
+"""Weight quantization from scratch: LLM.int8-style rows and block-wise NF4/FP4.
+
+Built in chapter 06 (quantization). Each function re-implements what bitsandbytes does, in a few
+readable lines, so the chapter can show *how* a weight becomes 8 or 4 bits; ``tests/test_quant.py``
+checks that the dequantized weights agree with ``bitsandbytes.functional``.
+
+* ``quantize_int8``: one absmax scale per output row, ``round(w * 127 / absmax)`` (LLM.int8's weights).
+* ``int8_matmul``: the LLM.int8 product, with activation columns above ``threshold`` kept in float.
+* ``quantize_4bit``: blocks of 64 weights, each scaled by its absmax onto 16 levels (NF4 or FP4),
+  two 4-bit codes per byte, optionally with the block scales themselves quantized to 8 bits
+  ("double quantization", QLoRA).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+__all__ = ["nf4_levels", "fp4_levels", "dynamic_map", "RowwiseInt8", "quantize_int8", "int8_matmul",
+           "Blockwise4bit", "quantize_4bit", "BLOCKSIZE", "NESTED_BLOCKSIZE"]
+
+BLOCKSIZE = 64          # weights per absmax in bitsandbytes' 4-bit formats
+NESTED_BLOCKSIZE = 256  # absmaxes per second-level scale in double quantization
+NF4_OFFSET = 0.9677083  # the outermost quantile QLoRA uses (about 1.85 standard deviations)
+
+
+# --------------------------------------------------------------------------- code books
+
+def nf4_levels() -> torch.Tensor:
+    """The 16 NormalFloat levels: quantiles of N(0, 1), scaled to [-1, 1], with an exact zero. Built in chapter 06."""
+    normal = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), 1.0)
+    # bitsandbytes spaces the quantiles in float32, then evaluates them in double precision
+    positive = normal.icdf(torch.linspace(NF4_OFFSET, 0.5, 9)[:-1].double())   # 8 levels above 0
+    negative = -normal.icdf(torch.linspace(NF4_OFFSET, 0.5, 8)[:-1].double())  # 7 levels below 0
+    levels = torch.cat([negative, torch.zeros(1, dtype=torch.float64), positive]).sort().values
+    return (levels / levels.max()).float()
+
+
+def fp4_levels() -> torch.Tensor:
+    """The 16 values of bitsandbytes' FP4 (1 sign, 2 exponent, 1 mantissa bit), sorted, in [-1, 1]. Built in chapter 06."""
+    magnitudes = torch.tensor([0.0, 0.0625, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0]) / 12.0
+    return torch.cat([-magnitudes, magnitudes]).sort().values  # 0 appears twice: +0 and -0
+
+
+def dynamic_map() -> torch.Tensor:
+    """bitsandbytes' signed 8-bit "dynamic" code (256 values in [-1, 1]) used for double quantization. Built in chapter 06."""
+    values = [0.0, 1.0]
+    for i in range(7):  # decades 1e-6 .. 1e0, each with twice the fraction steps of the one before
+        edges = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
+        means = (edges[:-1] + edges[1:]) / 2
+        values += (10.0 ** (i - 6) * means).tolist() + (-(10.0 ** (i - 6)) * means).tolist()
+    return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+def _check_weight(w: torch.Tensor, ndim: Optional[int] = None) -> None:
+    if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+        raise ValueError(f"weight must be a floating-point torch.Tensor, got {type(w).__name__} "
+                         f"{getattr(w, 'dtype', '')}")
+    if ndim is not None and w.ndim != ndim:
+        raise ValueError(f"weight must have {ndim} dimensions (out_features, in_features), got shape {tuple(w.shape)}")
+    if w.numel() == 0:
+        raise ValueError("weight is empty; nothing to quantize")
+
+
+# --------------------------------------------------------------------------- int8, row-wise
+
+@dataclass
+class RowwiseInt8:
+    """An int8 matrix and one float32 absmax per row (bitsandbytes calls them ``CB`` and ``SCB``)."""
+
+    q: torch.Tensor       # int8, (out_features, in_features)
+    absmax: torch.Tensor  # float32, (out_features,)
+    dtype: torch.dtype
+
+    def dequantize(self) -> torch.Tensor:
+        """Back to floating point: ``q * absmax / 127``."""
+        return (self.q * self.absmax.view(-1, 1) * (1 / 127)).to(self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.numel() * self.q.element_size() + self.absmax.numel() * self.absmax.element_size()
+
+    @property
+    def bytes_per_param(self) -> float:
+        return self.nbytes / self.q.numel()
+
+
+def quantize_int8(w: torch.Tensor) -> RowwiseInt8:
+    """Absmax int8 quantization, one scale per row: ``round(w * 127 / max|row|)``. Built in chapter 06."""
+    _check_weight(w, ndim=2)
+    absmax = w.abs().amax(dim=1).float()
+    scale = 127.0 / absmax.clamp(min=torch.finfo(torch.float32).tiny)  # an all-zero row stays zero
+    q = torch.round(w.float() * scale.unsqueeze(1)).to(torch.int8)
+    return RowwiseInt8(q=q, absmax=absmax, dtype=w.dtype)
+
+
+def int8_matmul(x: torch.Tensor, w: RowwiseInt8, threshold: float = 0.0) -> torch.Tensor:
+    """``x @ w.T`` the LLM.int8 way: int8 x int8 products, except that input columns holding any
+    value with ``|x| >= threshold`` (outlier features) are multiplied in float. Built in chapter 06."""
+    if threshold < 0:
+        raise ValueError(f"threshold {threshold!r} must be >= 0 (0 disables the outlier path)")
+    x2 = x.reshape(-1, x.shape[-1]).float()
+    outliers = (x2.abs() >= threshold).any(dim=0) if threshold > 0 else torch.zeros(x2.shape[1], dtype=torch.bool)
+    regular = x2.masked_fill(outliers, 0.0)
+    xq = quantize_int8(regular)  # one scale per token (row of x)
+    # an int32 accumulator in the GPU kernel; float64 holds the same integers exactly here
+    acc = xq.q.double() @ w.q.double().T
+    out = acc * (xq.absmax.double().view(-1, 1) * w.absmax.double().view(1, -1)) / 127**2
+    if outliers.any():
+        out += x2[:, outliers].double() @ w.dequantize().double()[:, outliers].T
+    return out.to(x.dtype).reshape(*x.shape[:-1], w.q.shape[0])
+
+
+# --------------------------------------------------------------------------- 4-bit, block-wise
+
+def _quantize_blocks(x: torch.Tensor, blocksize: int, levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes (index of the nearest level; padded to whole blocks) and the absmax of each block."""
+    flat = x.reshape(-1).float()
+    pad = -flat.numel() % blocksize  # zeros do not change a block's absmax
+    blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1)).clamp(-1, 1)
+    midpoints = (levels[:-1] + levels[1:]) / 2
+    return torch.bucketize(scaled, midpoints).to(torch.uint8).reshape(-1), absmax
+
+
+def _dequantize_blocks(codes: torch.Tensor, absmax: torch.Tensor, blocksize: int,
+                       levels: torch.Tensor) -> torch.Tensor:
+    values = levels[codes.long()]
+    pad = -values.numel() % blocksize
+    blocks = torch.nn.functional.pad(values, (0, pad)).view(-1, blocksize) * absmax.unsqueeze(1)
+    return blocks.reshape(-1)[: codes.numel()]
+
+
+@dataclass
+class Blockwise4bit:
+    """Packed 4-bit codes plus the block scales (float32, or 8-bit codes when double-quantized)."""
+
+    packed: torch.Tensor    # uint8, two codes per byte, first code in the high nibble
+    absmax: torch.Tensor    # float32 per block, or uint8 codes into dynamic_map() if nested
+    shape: torch.Size
+    dtype: torch.dtype
+    quant_type: str
+    blocksize: int
+    nested_absmax: Optional[torch.Tensor] = None  # float32 per NESTED_BLOCKSIZE block scales
+    offset: Optional[torch.Tensor] = None          # the mean subtracted before nesting
+
+    def block_scales(self) -> torch.Tensor:
+        """The float32 absmax of every block (decoded first if double-quantized)."""
+        if self.nested_absmax is None:
+            return self.absmax
+        return _dequantize_blocks(self.absmax, self.nested_absmax, NESTED_BLOCKSIZE, dynamic_map()) + self.offset
+
+    def dequantize(self) -> torch.Tensor:
+        """Back to floating point: level[code] * block absmax."""
+        n = self.shape.numel()
+        codes = torch.stack([self.packed >> 4, self.packed & 0xF], dim=1).reshape(-1)[:n]
+        levels = nf4_levels() if self.quant_type == "nf4" else fp4_levels()
+        return _dequantize_blocks(codes, self.block_scales(), self.blocksize, levels).reshape(self.shape).to(self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        parts = [self.packed, self.absmax] + ([self.nested_absmax, self.offset] if self.nested_absmax is not None else [])
+        return sum(t.numel() * t.element_size() for t in parts)
+
+    @property
+    def bytes_per_param(self) -> float:
+        return self.nbytes / self.shape.numel()
+
+
+def quantize_4bit(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = BLOCKSIZE,
+                  double_quant: bool = False) -> Blockwise4bit:
+    """Block-wise 4-bit quantization (``quant_type`` "nf4" or "fp4"), as bitsandbytes stores
+    ``Params4bit``; ``double_quant=True`` quantizes the block absmaxes to 8 bits too. Built in chapter 06."""
+    _check_weight(w)
+    if quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"quant_type {quant_type!r} must be 'nf4' or 'fp4'")
+    if not isinstance(blocksize, int) or blocksize < 2 or blocksize % 2:
+        raise ValueError(f"blocksize {blocksize!r} must be an even int >= 2 (bitsandbytes uses 64)")
+    levels = nf4_levels() if quant_type == "nf4" else fp4_levels()
+    codes, absmax = _quantize_blocks(w, blocksize, levels)
+    codes = codes[: w.numel() + w.numel() % 2]  # an odd count ends with the code of a padding 0
+    packed = (codes[0::2] << 4) | codes[1::2]
+    q = Blockwise4bit(packed=packed, absmax=absmax, shape=w.shape, dtype=w.dtype,
+                      quant_type=quant_type, blocksize=blocksize)
+    if double_quant:  # centre the scales, then quantize them like any other tensor, in blocks of 256
+        q.offset = absmax.mean()
+        nested_codes, q.nested_absmax = _quantize_blocks(absmax - q.offset, NESTED_BLOCKSIZE, dynamic_map())
+        q.absmax = nested_codes[: absmax.numel()]
+    return q
