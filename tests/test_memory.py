@@ -68,9 +68,13 @@ def test_measure_sampling_fallback(monkeypatch):
         x = np.ones(256 * MiB // 8)
         import time
         time.sleep(0.05)  # give the sampler time to see it
+        resident = rss_bytes() - m.cpu_start_bytes  # what was certainly resident at one moment
         del x
     assert m.method == "sampling"
-    assert m.cpu_peak_bytes == pytest.approx(256 * MiB, rel=0.05)
+    # Other threads left over from earlier tests may free memory meanwhile, so compare the
+    # sampled peak with a direct reading taken inside the block, not only with 256 MiB.
+    assert m.cpu_peak_bytes >= resident - MiB
+    assert m.cpu_peak_bytes == pytest.approx(256 * MiB, rel=0.10)
 
 
 def test_measure_rejects_bad_interval():
