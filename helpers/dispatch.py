@@ -154,13 +154,15 @@ def _read_file(path: Path, buffer: Optional[torch.Tensor] = None,
 
 def drop_page_cache(*paths: Union[str, Path]) -> int:
     """Drop the cached pages of these files (or of every file under these folders); returns how many. Built in chapter 05."""
+    if not hasattr(os, "posix_fadvise"):
+        raise OSError("drop_page_cache needs os.posix_fadvise (Linux); this platform cannot drop cached pages")
     count = 0
     for root in map(Path, paths):
         for path in ([root] if root.is_file() else [p for p in root.rglob("*") if p.is_file()]):
             fd = os.open(path, os.O_RDONLY)
             try:
                 os.fdatasync(fd)  # dirty pages cannot be dropped: write them first
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # Linux; absent on macOS
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             finally:
                 os.close(fd)
             count += 1

@@ -4,56 +4,101 @@ Built in chapter 08. ``LayerStreamer`` reads the per-layer files that ``helpers.
 writes (chapter 03). The model's skeleton lives on the ``meta`` device; for each block in execution order
 the streamer loads that block's weights (a background thread reads the *next* block meanwhile), runs the
 whole batch through it, and sends it back to ``meta``. At most two blocks of weights are resident, plus
-the activations and the KV cache.
+the activations and the KV cache. On the CPU the files are memory-mapped, so reading costs no copy; the
+embedding reads only the rows a pass looks up.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
 import os
+import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-__all__ = ["LayerStreamer", "read_safetensors", "drop_page_cache", "INDEX_NAME"]
+from helpers.checkpoints import DTYPES, LAYERS_FORMAT, LAYERS_INDEX, read_safetensors_header
+from helpers.dispatch import drop_page_cache
 
-INDEX_NAME = "layers.index.json"
-_FORMAT = "helpers-layers/1"
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+__all__ = ["LayerStreamer", "map_safetensors", "read_safetensors", "predicted_peak_bytes"]
 
-
-def drop_page_cache(paths: Iterable[Union[str, Path]]) -> None:
-    """Ask the kernel to forget these files' cached pages, so the next read comes from the disk. Built in chapter 08."""
-    if not hasattr(os, "posix_fadvise"):
-        return  # not Linux: nothing we can do without privileges
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+_MADV_POPULATE_READ = 22
+_libc: Optional[ctypes.CDLL] = None
 
 
-def read_safetensors(path: Union[str, Path], *, out: Optional[torch.Tensor] = None, pin_memory: bool = False,
-                     drop_cache: bool = False) -> tuple[dict[str, torch.Tensor], int]:
+def _views(path: Path, header: dict, buf: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The tensors a safetensors header describes, as views of ``buf`` (the file's data bytes)."""
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        if not 0 <= start <= end <= buf.numel():
+            raise ValueError(f"{path}: tensor {name!r} has data_offsets [{start}, {end}], outside the file's "
+                             f"{buf.numel():,} data bytes (truncated or corrupt)")
+        raw, dtype = buf[start:end], DTYPES[info["dtype"]]
+        if start % dtype.itemsize:  # unaligned (never for files safetensors writes): copy
+            raw = raw.clone()
+        tensors[name] = raw.view(dtype).reshape(info["shape"])
+    return tensors
+
+
+def _populate(mapping: mmap.mmap) -> None:
+    """Read a whole mapping in from the disk now, without holding the GIL (so the compute thread runs on)."""
+    if sys.platform == "linux":
+        global _libc
+        _libc = _libc or ctypes.CDLL(None, use_errno=True)
+        anchor = ctypes.c_char.from_buffer(mapping)  # the mapping's address; released just below
+        address = ctypes.addressof(anchor)
+        del anchor
+        # MADV_POPULATE_READ (Linux 5.14+): fault every page in, the kernel reading ahead in large requests
+        if _libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(len(mapping)), _MADV_POPULATE_READ) == 0:
+            return
+    torch.frombuffer(mapping, dtype=torch.uint8)[::mmap.PAGESIZE].sum()  # elsewhere: touch one byte per page
+
+
+def map_safetensors(path: Union[str, Path], *, populate: bool = True) -> tuple[dict[str, torch.Tensor], int]:
+    """Map a safetensors file into memory and return its tensors as views of the mapping. Built in chapter 08.
+
+    Returns ``(tensors, bytes)``. Nothing is copied: the tensors *are* the kernel's page-cache pages of the
+    file, so reading copies nothing and leaves the CPU to the compute. The mapping is private
+    (copy-on-write): an in-place change to a tensor never reaches the file. ``populate=True`` reads the
+    whole file in before returning; ``populate=False`` reads a page only when it is first touched, and
+    nothing around it (no read-ahead). The mapping is released when the last tensor is.
+    """
+    path = Path(path)
+    header = read_safetensors_header(path)  # checked: length prefix, JSON object
+    with open(path, "rb") as f:
+        mapping = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    if populate:
+        _populate(mapping)
+    else:
+        mapping.madvise(mmap.MADV_RANDOM)
+    start = 8 + int.from_bytes(mapping[:8], "little")
+    return _views(path, header, torch.frombuffer(mapping, dtype=torch.uint8)[start:]), len(mapping)
+
+
+def read_safetensors(path: Union[str, Path], *, out: Optional[torch.Tensor] = None,
+                     pin_memory: bool = False) -> tuple[dict[str, torch.Tensor], int]:
     """Read a whole safetensors file with one ``readinto`` into one buffer; tensors are views of it. Built in chapter 08.
 
-    Returns ``(tensors, bytes_read)``. ``out``: a preallocated uint8 buffer to read into (reused from
-    block to block, so no page is allocated twice) when it is big enough. ``pin_memory=True`` allocates
-    page-locked memory (for fast, asynchronous copies to a GPU); ``drop_cache=True`` drops the file's
-    pages from the page cache afterwards.
+    Returns ``(tensors, bytes)``. ``out``: a preallocated uint8 buffer to read into (reused from block to
+    block, so no page is allocated twice) when it is big enough. ``pin_memory=True`` allocates
+    page-locked memory, for fast asynchronous copies to a GPU.
     """
+    path = Path(path)
+    header = read_safetensors_header(path)
     with open(path, "rb", buffering=0) as f:
         if hasattr(os, "posix_fadvise"):  # one front-to-back read: let the kernel read ahead further
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        header_len = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_len))
-        size = os.fstat(f.fileno()).st_size - 8 - header_len
+        start = 8 + int.from_bytes(f.read(8), "little")
+        size = os.fstat(f.fileno()).st_size - start
+        f.seek(start)
         fits = out is not None and out.dtype == torch.uint8 and out.numel() >= size
         buf = out[:size] if fits else torch.empty(size, dtype=torch.uint8, pin_memory=pin_memory)
         view, got = memoryview(buf.numpy()), 0
@@ -62,19 +107,39 @@ def read_safetensors(path: Union[str, Path], *, out: Optional[torch.Tensor] = No
             if not n:
                 raise OSError(f"{path} ended after {got} of {size} data bytes; the file is truncated")
             got += n
-        if drop_cache and hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
-        raw = buf[start:end]
-        dtype = _DTYPES[info["dtype"]]
-        if start % dtype.itemsize:  # unaligned (never for files safetensors writes): copy
-            raw = raw.clone()
-        tensors[name] = raw.view(dtype).reshape(info["shape"])
-    return tensors, 8 + header_len + size
+    return _views(path, header, buf), start + size
+
+
+def _touch_rows(tensors: dict[str, torch.Tensor], rows: torch.Tensor) -> int:
+    """Fault in just ``rows`` of each (lazily mapped) table; returns the bytes of the pages that takes."""
+    pages: set[int] = set()
+    for t in tensors.values():
+        t.index_select(0, rows)  # the lookup itself, here in the reader thread: the kernel reads those pages
+        row, first = t[0].nbytes, t.data_ptr() - t.untyped_storage().data_ptr()
+        for r in rows.tolist():
+            start = first + r * row
+            pages.update(range(start // mmap.PAGESIZE, (start + row - 1) // mmap.PAGESIZE + 1))
+    return len(pages) * mmap.PAGESIZE
+
+
+def predicted_peak_bytes(config, batch_size: int, seq_len: int, dtype, *, prefetch: bool = True) -> int:
+    """Bytes ``LayerStreamer`` holds at its peak on the CPU, from ``helpers.arithmetic``. Built in chapter 08.
+
+    The weights of the two consecutive blocks it has at once (block i computing, block i + 1 being read;
+    one block without prefetch), the embedding counted as the rows a pass looks up and a tied ``lm_head``
+    as the whole shared table it reads, plus the activations of a ``batch_size`` x ``seq_len`` pass. For
+    files stored in ``dtype`` (converting on the fly briefly holds both copies of a block).
+    """
+    from helpers.arithmetic import activation_bytes, block_bytes
+
+    blocks = block_bytes(config, dtype)
+    table = blocks["model.embed_tokens"]
+    if blocks.get("lm_head") == 0:  # tied: lm_head reads the embedding's file whole
+        blocks["lm_head"] = table
+    blocks["model.embed_tokens"] = min(table, batch_size * seq_len * (table // config.vocab_size))
+    held = list(blocks.values())
+    weights = max(a + b for a, b in zip(held, held[1:])) if prefetch else max(held)
+    return weights + activation_bytes(config, batch_size, seq_len, dtype)
 
 
 class LayerStreamer:
@@ -82,7 +147,8 @@ class LayerStreamer:
 
     ``device``: where blocks compute (default CUDA when present, else CPU). ``dtype``: compute dtype
     (default: the checkpoint's). ``prefetch``: read block i+1 in a background thread while block i
-    computes. ``drop_page_cache``: forget each file's pages after reading it, so every pass reads the disk.
+    computes. ``drop_page_cache``: forget each block's file pages once the block is done, so every pass
+    reads the disk (Linux).
     After each pass, ``timeline`` holds one record per block: ``block``, ``bytes``, ``read_start``,
     ``read_end``, ``compute_start``, ``compute_end`` (seconds since the pass started).
     """
@@ -93,13 +159,13 @@ class LayerStreamer:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.layer_dir = Path(layer_dir)
-        index_path = self.layer_dir / INDEX_NAME
+        index_path = self.layer_dir / LAYERS_INDEX
         if not index_path.is_file():
-            raise FileNotFoundError(f"{self.layer_dir} has no {INDEX_NAME}: it is not a complete per-layer split "
+            raise FileNotFoundError(f"{self.layer_dir} has no {LAYERS_INDEX}: it is not a complete per-layer split "
                                     "(make one with helpers.checkpoints.split_by_layer)")
         self.index = json.loads(index_path.read_text())
-        if self.index.get("format") != _FORMAT:
-            raise ValueError(f"{index_path} has format {self.index.get('format')!r}; expected {_FORMAT!r}")
+        if self.index.get("format") != LAYERS_FORMAT:
+            raise ValueError(f"{index_path} has format {self.index.get('format')!r}; expected {LAYERS_FORMAT!r}")
         if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
             raise ValueError(f"dtype {dtype!r} must be a floating-point torch.dtype such as torch.float32")
         self.device = torch.device(device if device is not None else
@@ -110,6 +176,8 @@ class LayerStreamer:
         stored = self.config.dtype if isinstance(self.config.dtype, torch.dtype) else \
             getattr(torch, str(self.config.dtype or "float32").replace("torch.", ""))
         self.dtype = dtype or stored
+        if drop_page_cache and not hasattr(os, "posix_fadvise"):
+            raise ValueError("drop_page_cache=True needs os.posix_fadvise (Linux); this platform has none")
         self.prefetch, self.drop_page_cache, self.progress = prefetch, drop_page_cache, progress
         with torch.device("meta"):
             self.model = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype).eval()
@@ -120,7 +188,9 @@ class LayerStreamer:
         self._cuda = self.device.type == "cuda"
         self._copy_stream = torch.cuda.Stream(self.device) if self._cuda else None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-reader")
+        self._dropper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="page-dropper")
         self._slots: list[Optional[torch.Tensor]] = [None, None]  # two read buffers, reused in turn
+        self._rows: Optional[torch.Tensor] = None  # token ids the current pass looks up in the embedding
         self.timeline: list[dict] = []
 
     # ------------------------------------------------------------------ loading one block
@@ -134,24 +204,37 @@ class LayerStreamer:
                 src_block = next(b for b in files if source.startswith(b + "."))
                 out.append((self.layer_dir / files[src_block], {source: target}))
         if not out:
-            raise ValueError(f"block {block!r} of {self.layer_dir / INDEX_NAME} has no file and no tied source")
+            raise ValueError(f"block {block!r} of {self.layer_dir / LAYERS_INDEX} has no file and no tied source")
         return out
 
     def _slot(self, i: int) -> torch.Tensor:
-        """Read buffer i % 2, as big as the biggest file: block i reads into it while block i - 1 computes."""
+        """Pinned read buffer i % 2 (CUDA), as big as the biggest file: block i reads into it while block i - 1 computes."""
         if self._slots[i % 2] is None:
             size = max(os.path.getsize(p) for b in self.blocks for p, _ in self._sources[b])
-            self._slots[i % 2] = torch.empty(size, dtype=torch.uint8, pin_memory=self._cuda)
+            self._slots[i % 2] = torch.empty(size, dtype=torch.uint8, pin_memory=True)
         return self._slots[i % 2]
 
     def _load(self, i: int) -> dict:
-        """Read block i's tensors (in the reader thread), move them to the device, convert the dtype."""
+        """Read block i's tensors (in the reader thread when prefetching) and put them on the device in its dtype.
+
+        On the CPU the files are memory-mapped (``map_safetensors``): the kernel reads them into the page
+        cache and the tensors are those very pages, so the read leaves both the CPU and the GIL to the
+        compute. On CUDA they are read into a pinned buffer and copied on a side stream.
+        """
         block = self.blocks[i]
         t0, state, nbytes = time.perf_counter(), {}, 0
         sources = self._sources[block]
+        lookup = not self._cuda and self._rows is not None and isinstance(self.model.get_submodule(block),
+                                                                          torch.nn.Embedding)
         for path, rename in sources:
-            out = self._slot(i) if len(sources) == 1 else None
-            tensors, n = read_safetensors(path, out=out, pin_memory=self._cuda, drop_cache=self.drop_page_cache)
+            if lookup and not rename:  # an embedding on the CPU: read only the rows this pass looks up
+                tensors, _ = map_safetensors(path, populate=False)
+                n = path.stat().st_size - sum(t.nbytes for t in tensors.values()) + _touch_rows(tensors, self._rows)
+            elif self._cuda:
+                out = self._slot(i) if len(sources) == 1 else None
+                tensors, n = read_safetensors(path, out=out, pin_memory=True)
+            else:
+                tensors, n = map_safetensors(path)
             nbytes += n
             for name, t in tensors.items():
                 if rename and name not in rename:
@@ -163,15 +246,19 @@ class LayerStreamer:
                 state = {k: v.to(self.device, non_blocking=True) for k, v in state.items()}
                 event = torch.cuda.Event()
                 event.record(self._copy_stream)
-        state = {k: v.to(self.dtype) if v.is_floating_point() and v.dtype != self.dtype else v
-                 for k, v in state.items()} if not self._cuda else state
+        elif not lookup:  # (an embedding keeps its stored dtype: its output is converted, not the whole table)
+            state = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in state.items()}
         return {"state": state, "bytes": nbytes, "event": event, "read_start": t0, "read_end": time.perf_counter()}
 
-    def _stream(self, step: Callable[[str, torch.nn.Module], None], desc: str = "blocks") -> None:
-        """One pass: for each block, load it (prefetching the next), call ``step(name, module)``, free it."""
+    def _stream(self, step: Callable[[str, torch.nn.Module], None], ids: torch.Tensor, desc: str = "blocks") -> None:
+        """One pass: for each block, load it (prefetching the next), call ``step(name, module)``, free it.
+
+        ``ids``: every token id the pass looks up, so the embedding block reads only those rows.
+        """
         from tqdm.auto import tqdm
 
-        t0, timeline = time.perf_counter(), []
+        self._rows = torch.unique(ids.cpu())
+        t0, timeline, drops = time.perf_counter(), [], []
         pending: Optional[Future] = None
         bar = tqdm(self.blocks, desc=desc, unit="block", leave=False, disable=not self.progress)
         try:
@@ -196,15 +283,20 @@ class LayerStreamer:
                 if self._cuda:
                     torch.cuda.synchronize(self.device)
                 c1 = time.perf_counter()
-                module.to("meta")  # free the block's weights
+                module.to("meta")  # free the block's weights (on the CPU: unmap its file)
+                if self.drop_page_cache:  # in a thread of its own: off the compute's path and the reader's
+                    drops.append(self._dropper.submit(drop_page_cache, *(path for path, _ in self._sources[block])))
                 timeline.append({"block": block, "bytes": loaded["bytes"], "read_start": loaded["read_start"] - t0,
                                  "read_end": loaded["read_end"] - t0, "compute_start": c0 - t0,
                                  "compute_end": c1 - t0})
+            for done in drops:
+                done.result()  # raises here if dropping a file's pages failed
         finally:
             bar.close()
             if pending is not None:  # an error mid-pass: wait for the reader, then drop what it read
                 pending.cancel() or pending.exception()
             self.model.to("meta")
+            self._rows = None
         self.timeline = timeline
 
     # ------------------------------------------------------------------ inputs
@@ -239,7 +331,7 @@ class LayerStreamer:
 
         def step(block: str, module: torch.nn.Module) -> None:
             if block == "model.embed_tokens":
-                s["h"] = module(ids)
+                s["h"] = module(ids).to(self.dtype)
                 past = cache.get_seq_length() if cache is not None else 0
                 s["pos"] = position_ids if position_ids is not None else \
                     torch.arange(past, past + ids.shape[1], device=self.device)[None]
@@ -254,7 +346,7 @@ class LayerStreamer:
             elif block == "lm_head":
                 s["logits"] = module(s["h"]).float()
 
-        self._stream(step, desc)
+        self._stream(step, ids, desc)
         return s["logits"]
 
     def forward(self, input_ids, attention_mask=None, *, last_only: bool = False) -> torch.Tensor:
@@ -341,7 +433,7 @@ class LayerStreamer:
 
         def step(block: str, module: torch.nn.Module) -> None:
             if block == "model.embed_tokens":
-                s["p"], s["s"] = module(prefix), module(suffix)
+                s["p"], s["s"] = module(prefix).to(self.dtype), module(suffix).to(self.dtype)
                 s["pe_p"] = self.rotary_emb(s["p"], torch.arange(P, device=self.device)[None])
                 s["pe_s"] = self.rotary_emb(s["s"], torch.arange(P, P + S, device=self.device)[None])
             elif block.startswith("model.layers."):
@@ -361,15 +453,19 @@ class LayerStreamer:
                 real = torch.arange(S, device=self.device)[None] < lengths[:, None]
                 s["scores"] = (token_logp * real).sum(-1)
 
-        self._stream(step, "score")
+        self._stream(step, torch.cat([prefix[0], suffix.flatten()]), "score")
         return s["scores"].cpu()
 
     @property
     def bytes_per_pass(self) -> int:
-        """Bytes one pass reads from disk (tied weights are read twice)."""
-        return sum(os.path.getsize(p) for b in self.blocks for p, _ in self._sources[b])
+        """Bytes the last pass read from disk: every file, except that the embedding reads only the pages of
+        the rows it looked up (tied weights are read twice)."""
+        if not self.timeline:
+            raise RuntimeError("no pass has run yet: call forward, generate or score first")
+        return sum(r["bytes"] for r in self.timeline)
 
     def close(self) -> None:
-        """Stop the reader thread and free the two read buffers."""
+        """Stop the reader threads and free the two read buffers."""
         self._pool.shutdown(wait=True)
+        self._dropper.shutdown(wait=True)
         self._slots = [None, None]

@@ -7,7 +7,8 @@ import torch
 
 from helpers.checkpoints import split_by_layer
 from helpers.models import book_model_dir, load_book_model
-from helpers.streaming import LayerStreamer, drop_page_cache, read_safetensors
+from helpers.dispatch import drop_page_cache
+from helpers.streaming import LayerStreamer, map_safetensors, predicted_peak_bytes, read_safetensors
 
 
 @pytest.fixture(scope="module")
@@ -32,17 +33,41 @@ def _batch(tokenizer, texts, side="right"):
     return tokenizer(texts, return_tensors="pt", padding=True)
 
 
-def test_read_safetensors_matches_safetensors(layer_dir):
+@pytest.mark.parametrize("read", [read_safetensors, map_safetensors,
+                                  lambda p: map_safetensors(p, populate=False)], ids=["read", "map", "map-lazy"])
+def test_readers_match_safetensors(layer_dir, read):
     from safetensors.torch import load_file
 
     path = layer_dir / "model.layers.0.safetensors"
-    ours, nbytes = read_safetensors(path, drop_cache=True)
+    drop_page_cache(path)
+    ours, nbytes = read(path)
     theirs = load_file(path)
     assert nbytes == path.stat().st_size
     assert ours.keys() == theirs.keys()
     for name in ours:
         assert ours[name].dtype == theirs[name].dtype and torch.equal(ours[name], theirs[name]), name
-    drop_page_cache([path])  # no error on a file we just read
+
+
+def test_mapped_tensors_are_copy_on_write(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "w.safetensors"
+    save_file({"w": torch.arange(4096, dtype=torch.float32)}, path)
+    tensors, _ = map_safetensors(path)
+    tensors["w"].zero_()  # writes to the private mapping only
+    assert torch.equal(load_file(path)["w"], torch.arange(4096, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("read", [read_safetensors, map_safetensors])
+def test_readers_reject_offsets_past_the_end(tmp_path, read):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "w.safetensors"
+    save_file({"w": torch.zeros(1024)}, path)
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 16)
+    with pytest.raises((ValueError, OSError), match="w.safetensors"):
+        read(path)
 
 
 def test_forward_matches_in_memory_model(book, streamer):
@@ -63,6 +88,12 @@ def test_timeline_records_every_block(streamer, layer_dir):
     index = json.loads((layer_dir / "layers.index.json").read_text())
     assert [r["block"] for r in streamer.timeline] == index["blocks"]
     assert sum(r["bytes"] for r in streamer.timeline) == streamer.bytes_per_pass
+    size = {b: (layer_dir / f).stat().st_size for b, f in index["files"].items()}
+    read = {r["block"]: r["bytes"] for r in streamer.timeline}
+    # the embedding reads only the pages of rows 1, 2 and 3 (adjacent rows: a few pages), every other file whole
+    assert 0 < read["model.embed_tokens"] < 64 * 1024 < size["model.embed_tokens"]
+    assert all(read[b] == size[b] for b in size if b != "model.embed_tokens")
+    assert read["lm_head"] == size["model.embed_tokens"]  # tied: lm_head reads the whole shared table
     for r in streamer.timeline:
         assert 0 <= r["read_start"] <= r["read_end"] <= r["compute_start"] <= r["compute_end"]
     # all weights went back to meta: nothing but the rotary buffers stays resident
@@ -75,6 +106,13 @@ def test_prefetch_on_and_off_identical(layer_dir, streamer):
                         progress=False)
     assert torch.equal(off.forward(ids), streamer.forward(ids))
     off.close()
+
+
+def test_bytes_per_pass_needs_a_pass(layer_dir):
+    fresh = LayerStreamer(layer_dir, device="cpu", progress=False)
+    with pytest.raises(RuntimeError, match="no pass has run yet"):
+        fresh.bytes_per_pass
+    fresh.close()
 
 
 def test_greedy_generation_identical(book, streamer):
@@ -136,3 +174,19 @@ def test_bad_inputs_raise_clear_errors(tmp_path, layer_dir, streamer):
         streamer.score(torch.tensor([1, 2]), [])
     with pytest.raises(ValueError, match="one sequence"):
         streamer.score(torch.tensor([[1, 2], [3, 4]]), [[5]])
+
+
+def test_predicted_peak_counts_two_consecutive_blocks_and_embedding_rows():
+    from transformers import LlamaConfig
+
+    from helpers.arithmetic import activation_bytes, block_bytes
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4,
+                         num_hidden_layers=3, vocab_size=5000, tie_word_embeddings=False)
+    blocks, act = block_bytes(config, "fp32"), activation_bytes(config, 2, 8, "fp32")
+    layer, table = blocks["model.layers.0"], blocks["model.embed_tokens"]
+    assert table > 2 * layer  # the tables are the biggest blocks, but a pass reads only 16 rows of the first
+    assert predicted_peak_bytes(config, 2, 8, "fp32", prefetch=False) == table + act  # lm_head alone
+    assert predicted_peak_bytes(config, 2, 8, "fp32") == blocks["model.norm"] + table + act  # norm, then lm_head
+    tied = LlamaConfig(**{**config.to_dict(), "tie_word_embeddings": True})
+    assert predicted_peak_bytes(tied, 2, 8, "fp32") == predicted_peak_bytes(config, 2, 8, "fp32")
