@@ -60,7 +60,8 @@ def run_disk(a) -> dict:
     """Cold read of every layer file (pages dropped first), three ways, interleaved; best of ``--repeat`` each."""
     from safetensors.torch import load_file
 
-    from helpers.streaming import map_safetensors, read_safetensors
+    from helpers.dispatch import _read_file
+    from helpers.streaming import map_safetensors
 
     files = layer_files(a.layers)
     nbytes = sum(f.stat().st_size for f in files)
@@ -70,7 +71,7 @@ def run_disk(a) -> dict:
         for t in load_file(f).values():
             t.reshape(-1).view(torch.uint8)[::4096].sum()
 
-    readers = {"readinto": lambda f: read_safetensors(f, out=buf), "safetensors": mmap_and_touch,
+    readers = {"readinto": lambda f: _read_file(f, buf), "safetensors": mmap_and_touch,
                "map": map_safetensors}
     times: dict[str, list[float]] = {k: [] for k in readers}
     for _ in range(a.repeat):

@@ -29,12 +29,11 @@ from typing import Any, Mapping, Optional, Union
 import torch
 from torch import nn
 
+from helpers.checkpoints import DTYPES
+
 __all__ = ["dispatch", "undispatch", "drop_page_cache", "plan_device_map", "validate_device_map"]
 
 _OWNER = "helpers.dispatch"  # written into every offload file's metadata: "this file is ours"
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-           "U8": torch.uint8, "BOOL": torch.bool}
 
 
 def __getattr__(name: str):  # chapter 04's planner, imported only when asked for
@@ -148,7 +147,7 @@ def _read_file(path: Path, buffer: Optional[torch.Tensor] = None,
     out = {}
     for name, info in header.items():
         a, b = info["data_offsets"]
-        out[name] = buffer[a:b].view(_DTYPES[info["dtype"]]).view(info["shape"])
+        out[name] = buffer[a:b].view(DTYPES[info["dtype"]]).view(info["shape"])
     return out, buffer
 
 

@@ -23,9 +23,9 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from helpers.checkpoints import DTYPES, LAYERS_FORMAT, LAYERS_INDEX, read_safetensors_header
-from helpers.dispatch import drop_page_cache
+from helpers.dispatch import _read_file, drop_page_cache
 
-__all__ = ["LayerStreamer", "map_safetensors", "read_safetensors", "predicted_peak_bytes"]
+__all__ = ["LayerStreamer", "map_safetensors", "predicted_peak_bytes"]
 
 _MADV_POPULATE_READ = 22
 _libc: Optional[ctypes.CDLL] = None
@@ -81,33 +81,6 @@ def map_safetensors(path: Union[str, Path], *, populate: bool = True) -> tuple[d
         mapping.madvise(mmap.MADV_RANDOM)
     start = 8 + int.from_bytes(mapping[:8], "little")
     return _views(path, header, torch.frombuffer(mapping, dtype=torch.uint8)[start:]), len(mapping)
-
-
-def read_safetensors(path: Union[str, Path], *, out: Optional[torch.Tensor] = None,
-                     pin_memory: bool = False) -> tuple[dict[str, torch.Tensor], int]:
-    """Read a whole safetensors file with one ``readinto`` into one buffer; tensors are views of it. Built in chapter 08.
-
-    Returns ``(tensors, bytes)``. ``out``: a preallocated uint8 buffer to read into (reused from block to
-    block, so no page is allocated twice) when it is big enough. ``pin_memory=True`` allocates
-    page-locked memory, for fast asynchronous copies to a GPU.
-    """
-    path = Path(path)
-    header = read_safetensors_header(path)
-    with open(path, "rb", buffering=0) as f:
-        if hasattr(os, "posix_fadvise"):  # one front-to-back read: let the kernel read ahead further
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        start = 8 + int.from_bytes(f.read(8), "little")
-        size = os.fstat(f.fileno()).st_size - start
-        f.seek(start)
-        fits = out is not None and out.dtype == torch.uint8 and out.numel() >= size
-        buf = out[:size] if fits else torch.empty(size, dtype=torch.uint8, pin_memory=pin_memory)
-        view, got = memoryview(buf.numpy()), 0
-        while got < size:  # one system call reads it all, unless the kernel stops short
-            n = f.readinto(view[got:])
-            if not n:
-                raise OSError(f"{path} ended after {got} of {size} data bytes; the file is truncated")
-            got += n
-    return _views(path, header, buf), start + size
 
 
 def _touch_rows(tensors: dict[str, torch.Tensor], rows: torch.Tensor) -> int:
@@ -219,7 +192,8 @@ class LayerStreamer:
 
         On the CPU the files are memory-mapped (``map_safetensors``): the kernel reads them into the page
         cache and the tensors are those very pages, so the read leaves both the CPU and the GIL to the
-        compute. On CUDA they are read into a pinned buffer and copied on a side stream.
+        compute. On CUDA they are read into a pinned buffer (chapter 05's ``_read_file``) and copied on a side
+        stream.
         """
         block = self.blocks[i]
         t0, state, nbytes = time.perf_counter(), {}, 0
@@ -230,9 +204,9 @@ class LayerStreamer:
             if lookup and not rename:  # an embedding on the CPU: read only the rows this pass looks up
                 tensors, _ = map_safetensors(path, populate=False)
                 n = path.stat().st_size - sum(t.nbytes for t in tensors.values()) + _touch_rows(tensors, self._rows)
-            elif self._cuda:
-                out = self._slot(i) if len(sources) == 1 else None
-                tensors, n = read_safetensors(path, out=out, pin_memory=True)
+            elif self._cuda:  # chapter 05's reader: one readinto into a reused pinned buffer
+                tensors, _ = _read_file(path, self._slot(i) if len(sources) == 1 else None, pin=True)
+                n = path.stat().st_size
             else:
                 tensors, n = map_safetensors(path)
             nbytes += n

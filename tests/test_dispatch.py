@@ -181,3 +181,18 @@ def test_dispatch_twice_and_undispatch_unknown_are_errors(tmp_path):
         dispatch(model, {"": "cpu"})
     undispatch(model)
     assert not os.listdir(tmp_path)
+
+
+def test_read_file_matches_safetensors_and_reuses_the_buffer(tmp_path):
+    from safetensors.torch import load_file
+
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.int64), "c": torch.randn(4).half()}, path)
+    big = torch.empty(path.stat().st_size, dtype=torch.uint8)
+    ours, used = hd._read_file(path, big)
+    assert used is big  # big enough: read into it, no new allocation
+    theirs = load_file(path)
+    assert ours.keys() == theirs.keys()
+    assert all(ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]) for k in ours)
+    _, fresh = hd._read_file(path, torch.empty(1, dtype=torch.uint8))
+    assert fresh.numel() > 1  # too small: a new buffer
