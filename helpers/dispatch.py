@@ -128,6 +128,23 @@ def _write_atomically(path: Path, tensors: dict[str, torch.Tensor], fingerprint:
         raise
 
 
+def _views(path: Path, header: dict, buf: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The tensors a safetensors header describes, as views of ``buf`` (the file's data bytes)."""
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        if not 0 <= start <= end <= buf.numel():
+            raise ValueError(f"{path}: tensor {name!r} has data_offsets [{start}, {end}], outside the file's "
+                             f"{buf.numel():,} data bytes (truncated or corrupt)")
+        raw, dtype = buf[start:end], DTYPES[info["dtype"]]
+        if start % dtype.itemsize:  # unaligned (never for files safetensors writes): copy
+            raw = raw.clone()
+        tensors[name] = raw.view(dtype).reshape(info["shape"])
+    return tensors
+
+
 def _read_file(path: Path, buffer: Optional[torch.Tensor] = None,
                pin: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Every tensor of a safetensors file, read with one sequential read into ``buffer`` (reused if big enough)."""
@@ -144,11 +161,7 @@ def _read_file(path: Path, buffer: Optional[torch.Tensor] = None,
             if not n:
                 raise OSError(f"{path} ended after {done} of {size} data bytes")
             done += n
-    out = {}
-    for name, info in header.items():
-        a, b = info["data_offsets"]
-        out[name] = buffer[a:b].view(DTYPES[info["dtype"]]).view(info["shape"])
-    return out, buffer
+    return _views(path, header, buffer[:size]), buffer
 
 
 def drop_page_cache(*paths: Union[str, Path]) -> int:

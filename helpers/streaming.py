@@ -22,30 +22,13 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from helpers.checkpoints import DTYPES, LAYERS_FORMAT, LAYERS_INDEX, read_safetensors_header
-from helpers.dispatch import _read_file, drop_page_cache
+from helpers.checkpoints import LAYERS_FORMAT, LAYERS_INDEX, read_safetensors_header
+from helpers.dispatch import _read_file, _views, drop_page_cache
 
 __all__ = ["LayerStreamer", "map_safetensors", "predicted_peak_bytes"]
 
 _MADV_POPULATE_READ = 22
 _libc: Optional[ctypes.CDLL] = None
-
-
-def _views(path: Path, header: dict, buf: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The tensors a safetensors header describes, as views of ``buf`` (the file's data bytes)."""
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
-        if not 0 <= start <= end <= buf.numel():
-            raise ValueError(f"{path}: tensor {name!r} has data_offsets [{start}, {end}], outside the file's "
-                             f"{buf.numel():,} data bytes (truncated or corrupt)")
-        raw, dtype = buf[start:end], DTYPES[info["dtype"]]
-        if start % dtype.itemsize:  # unaligned (never for files safetensors writes): copy
-            raw = raw.clone()
-        tensors[name] = raw.view(dtype).reshape(info["shape"])
-    return tensors
 
 
 def _populate(mapping: mmap.mmap) -> None:
@@ -163,7 +146,6 @@ class LayerStreamer:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-reader")
         self._dropper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="page-dropper")
         self._slots: list[Optional[torch.Tensor]] = [None, None]  # two read buffers, reused in turn
-        self._rows: Optional[torch.Tensor] = None  # token ids the current pass looks up in the embedding
         self.timeline: list[dict] = []
 
     # ------------------------------------------------------------------ loading one block
@@ -187,23 +169,22 @@ class LayerStreamer:
             self._slots[i % 2] = torch.empty(size, dtype=torch.uint8, pin_memory=True)
         return self._slots[i % 2]
 
-    def _load(self, i: int) -> dict:
+    def _load(self, i: int, rows: torch.Tensor) -> dict:
         """Read block i's tensors (in the reader thread when prefetching) and put them on the device in its dtype.
 
         On the CPU the files are memory-mapped (``map_safetensors``): the kernel reads them into the page
         cache and the tensors are those very pages, so the read leaves both the CPU and the GIL to the
         compute. On CUDA they are read into a pinned buffer (chapter 05's ``_read_file``) and copied on a side
-        stream.
+        stream. ``rows``: the token ids the pass looks up; an embedding on the CPU reads only those rows.
         """
         block = self.blocks[i]
         t0, state, nbytes = time.perf_counter(), {}, 0
         sources = self._sources[block]
-        lookup = not self._cuda and self._rows is not None and isinstance(self.model.get_submodule(block),
-                                                                          torch.nn.Embedding)
+        lookup = not self._cuda and isinstance(self.model.get_submodule(block), torch.nn.Embedding)
         for path, rename in sources:
             if lookup and not rename:  # an embedding on the CPU: read only the rows this pass looks up
                 tensors, _ = map_safetensors(path, populate=False)
-                n = path.stat().st_size - sum(t.nbytes for t in tensors.values()) + _touch_rows(tensors, self._rows)
+                n = path.stat().st_size - sum(t.nbytes for t in tensors.values()) + _touch_rows(tensors, rows)
             elif self._cuda:  # chapter 05's reader: one readinto into a reused pinned buffer
                 tensors, _ = _read_file(path, self._slot(i) if len(sources) == 1 else None, pin=True)
                 n = path.stat().st_size
@@ -231,19 +212,19 @@ class LayerStreamer:
         """
         from tqdm.auto import tqdm
 
-        self._rows = torch.unique(ids.cpu())
+        rows = torch.unique(ids.cpu())  # the embedding rows this pass looks up
         t0, timeline, drops = time.perf_counter(), [], []
         pending: Optional[Future] = None
         bar = tqdm(self.blocks, desc=desc, unit="block", leave=False, disable=not self.progress)
         try:
             if self.prefetch:
-                pending = self._pool.submit(self._load, 0)
+                pending = self._pool.submit(self._load, 0, rows)
             for i, block in enumerate(bar):
                 if self.prefetch:
                     loaded = pending.result()
-                    pending = self._pool.submit(self._load, i + 1) if i + 1 < len(self.blocks) else None
+                    pending = self._pool.submit(self._load, i + 1, rows) if i + 1 < len(self.blocks) else None
                 else:
-                    loaded = self._load(i)
+                    loaded = self._load(i, rows)
                 module = self.model.get_submodule(block)
                 state = loaded.pop("state")
                 if self._cuda:
@@ -270,7 +251,6 @@ class LayerStreamer:
             if pending is not None:  # an error mid-pass: wait for the reader, then drop what it read
                 pending.cancel() or pending.exception()
             self.model.to("meta")
-            self._rows = None
         self.timeline = timeline
 
     # ------------------------------------------------------------------ inputs
