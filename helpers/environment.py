@@ -1,4 +1,5 @@
-"""Where am I running? The environment report every chapter's numbers come from (chapter 00)."""
+"""Where am I running? The environment report every chapter's numbers come from, and the check every
+chapter's first cell makes of the libraries it needs (chapter 00)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ import shutil
 import sys
 from importlib import metadata
 from pathlib import Path
+from typing import Optional
 
 import psutil
 
 from .memory import format_size
 
-__all__ = ["in_colab", "in_kaggle", "report", "PACKAGES"]
+__all__ = ["in_colab", "in_kaggle", "report", "prepare", "requirements", "RuntimeVersionError", "PACKAGES"]
+
+DIST = "bigger-than-memory"  # the distribution that installs helpers
 
 PACKAGES = ("torch", "transformers", "accelerate", "safetensors", "bitsandbytes", "gguf", "helpers")
 
@@ -29,7 +33,7 @@ def in_kaggle() -> bool:
 
 
 def _version(name: str) -> str:
-    dist = {"helpers": "bigger-than-memory"}.get(name, name)
+    dist = {"helpers": DIST}.get(name, name)
     try:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
@@ -58,3 +62,64 @@ def report(path: str | Path = ".") -> dict[str, str]:
     else:
         info["GPU"] = "none (CPU only)"
     return info
+
+
+# --------------------------------------------------------------------------- the first cell of every chapter
+
+class RuntimeVersionError(RuntimeError):
+    """A library in this runtime is missing or older than the book needs."""
+
+
+def requirements() -> list[str]:
+    """The libraries ``helpers`` needs, with their lower bounds, as installed (``pyproject.toml``'s list)."""
+    from packaging.requirements import Requirement
+
+    found = []
+    for line in metadata.requires(DIST) or []:
+        req = Requirement(line)
+        if req.marker is None or req.marker.evaluate({"extra": ""}):
+            found.append(str(req))
+    return found
+
+
+def _problem(line: str) -> Optional[str]:
+    """One sentence saying why the requirement ``line`` does not hold in this runtime, or None."""
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    req = Requirement(line)
+    try:
+        installed = metadata.version(req.name)
+    except metadata.PackageNotFoundError:
+        return f"this chapter needs {line}, which this runtime does not have: run `pip install '{line}'` and restart"
+    if not req.specifier.contains(Version(installed), prereleases=True):
+        return (f"this chapter needs {line}, this runtime has {installed}: run `pip install -U '{line}'` "
+                f"and restart the runtime")
+    module = sys.modules.get(req.name.replace("-", "_").lower())
+    loaded = getattr(module, "__version__", None)
+    if loaded is not None and Version(loaded).release != Version(installed).release:  # upgraded after import
+        # (release, not the whole version: torch's wheels report "2.6.0+cu124" for the metadata's "2.6.0")
+        return (f"{req.name} {loaded} was imported before {installed} was installed: restart the runtime "
+                f"and run this cell first")
+    return None
+
+
+def prepare(*needs: str) -> None:
+    """The first cell of every chapter: check the libraries, and turn the libraries' own progress bars off.
+
+    Checks every requirement of ``helpers`` and the chapter's extra ``needs`` (e.g. ``"bitsandbytes>=0.50"``),
+    then raises :class:`RuntimeVersionError` with one sentence for the first that does not hold, before any
+    work is done. It also switches off the download and "Loading weights" bars of huggingface_hub and
+    transformers (``HF_HUB_DISABLE_PROGRESS_BARS``), which would otherwise fill every loading cell;
+    the book's own bars stay. accelerate's weight-loading bar has no switch and stays too.
+    """
+    __tracebackhide__ = True  # IPython shows the sentence, not this frame
+    for line in [*requirements(), *needs]:
+        problem = _problem(line)
+        if problem is not None:
+            raise RuntimeVersionError(problem)
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when huggingface_hub and transformers are imported
+    if "huggingface_hub" in sys.modules:  # already imported: switch them off directly
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()

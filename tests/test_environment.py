@@ -1,6 +1,10 @@
 """helpers.environment: the report chapter 00 prints."""
 
-from helpers.environment import in_colab, in_kaggle, report
+import sys
+
+import pytest
+
+from helpers.environment import RuntimeVersionError, in_colab, in_kaggle, prepare, report, requirements
 
 
 def test_report_has_the_essentials(tmp_path):
@@ -16,3 +20,47 @@ def test_not_colab_or_kaggle_here(monkeypatch):
     assert not in_kaggle() and not in_colab()
     monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Interactive")
     assert in_kaggle()
+
+
+# --------------------------------------------------------------------------- the first cell's check
+
+def test_requirements_come_from_the_installed_package():
+    names = {r.split(">")[0].split("=")[0].split("<")[0] for r in requirements()}
+    assert {"torch", "transformers", "accelerate", "safetensors"} <= names
+    assert any(r.startswith("transformers>=5") for r in requirements())
+
+
+def test_prepare_passes_here_and_turns_library_bars_off(monkeypatch):
+    import huggingface_hub
+    import transformers
+
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    transformers.utils.logging.enable_progress_bar()
+    try:
+        prepare("numpy>=1")
+        assert not transformers.utils.logging.is_progress_bar_enabled()
+        assert huggingface_hub.utils.are_progress_bars_disabled()
+    finally:
+        transformers.utils.logging.enable_progress_bar()
+
+
+@pytest.mark.parametrize("need, expected", [
+    ("transformers>=999", "this chapter needs transformers>=999, this runtime has {transformers}: "
+                          "run `pip install -U 'transformers>=999'` and restart the runtime"),
+    ("no-such-package-xyz>=1", "this chapter needs no-such-package-xyz>=1, which this runtime does not have"),
+])
+def test_a_missing_or_old_library_stops_with_one_sentence(need, expected):
+    import transformers
+
+    with pytest.raises(RuntimeVersionError) as info:
+        prepare(need)
+    message = str(info.value)
+    assert message.startswith(expected.format(transformers=transformers.__version__))
+    assert "\n" not in message
+
+
+def test_a_library_upgraded_after_import_asks_for_a_restart(monkeypatch):
+    import types
+    monkeypatch.setitem(sys.modules, "numpy", types.SimpleNamespace(__version__="1.0.0"))
+    with pytest.raises(RuntimeVersionError, match=r"numpy 1.0.0 was imported before .* restart the runtime"):
+        prepare("numpy>=1")
