@@ -11,6 +11,8 @@ peak for us (``VmHWM`` in ``/proc/self/status``) and lets us reset it by writing
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
+import functools
 import gc
 import math
 import re
@@ -22,7 +24,7 @@ from typing import Optional, Union
 
 import psutil
 
-__all__ = ["Measurement", "measure", "flush", "rss_bytes", "parse_size", "format_size"]
+__all__ = ["Measurement", "measure", "flush", "release_on_free", "rss_bytes", "parse_size", "format_size"]
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -115,13 +117,44 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+@functools.lru_cache(maxsize=None)
+def _glibc() -> Optional[ctypes.CDLL]:
+    """The C library when it is glibc (it has ``mallopt`` and ``malloc_trim``), else None (macOS, Windows, musl)."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        libc.mallopt, libc.malloc_trim  # noqa: B018 - raise AttributeError where these do not exist
+    except (OSError, TypeError, AttributeError):
+        return None
+    return libc
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+_MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc's limit on 64-bit systems
+
+
+def release_on_free(threshold: int = 64 * 1024) -> bool:
+    """Make freed tensors go back to the operating system at once, so that RSS measures live memory.
+
+    glibc serves large allocations with their own ``mmap`` and returns them on ``free``, but it raises
+    that threshold (up to 32 MiB) as large blocks are freed, and then keeps freed heap memory for reuse.
+    A process that freed a model earlier can load the next one into pages it still holds, and RSS does
+    not move. Fixing the threshold (``mallopt(M_MMAP_THRESHOLD, threshold)``) turns that off for this
+    process from now on: allocations of ``threshold`` bytes or more get mappings of their own, returned on
+    ``free`` (blocks the allocator already holds are still reused first; ``flush()`` gives their pages back).
+    Returns True when set; False where the C library is not glibc, and nothing changes there.
+    """
+    if isinstance(threshold, bool) or not isinstance(threshold, int) or not 0 < threshold <= _MMAP_THRESHOLD_MAX:
+        raise ValueError(f"threshold {threshold!r} must be an int of bytes in (0, {_MMAP_THRESHOLD_MAX}]")
+    libc = _glibc()
+    return libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, threshold) == 1
+
+
 def flush() -> None:
     """Give freed memory back: collect garbage, trim the C heap, empty the CUDA cache."""
     gc.collect()
-    try:  # glibc keeps freed pages in its arenas until asked to return them
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    if _glibc() is not None:  # glibc keeps freed pages in its arenas until asked to return them
+        _glibc().malloc_trim(0)
     if _cuda_available():
         import torch
         torch.cuda.synchronize()

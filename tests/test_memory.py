@@ -85,3 +85,42 @@ def test_measure_rejects_bad_interval():
 def test_flush_and_rss():
     flush()
     assert rss_bytes() > 10 * MiB
+
+
+_FREE_LOOP = """
+import sys, torch
+from helpers.memory import release_on_free, rss_bytes
+if sys.argv[1] == "release" and not release_on_free():
+    print("not glibc"); sys.exit()
+kept = []
+for _ in range(3):
+    before = rss_bytes()
+    x = torch.ones(8 * 2**20, dtype=torch.uint8)
+    del x
+    kept.append(rss_bytes() - before)
+print(max(kept[1:]))
+"""
+
+
+@pytest.mark.parametrize("mode", ["default", "release"])
+def test_release_on_free_returns_freed_tensors_at_once(mode):
+    """In a fresh process: by default glibc keeps a freed 8 MiB tensor for reuse; after release_on_free() it does not."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _FREE_LOOP, mode], capture_output=True, text=True, check=True).stdout
+    if out.strip() == "not glibc":
+        pytest.skip("the C library is not glibc")
+    kept = int(out)
+    if mode == "release":
+        assert kept < MiB
+    else:
+        assert kept > 7 * MiB  # the behaviour release_on_free exists to turn off
+
+
+@pytest.mark.parametrize("bad", [0, -1, 64 * MiB, 1.5, "64KiB", True])
+def test_release_on_free_rejects_bad_thresholds(bad):
+    from helpers.memory import release_on_free
+
+    with pytest.raises(ValueError, match="threshold"):
+        release_on_free(bad)
