@@ -1,6 +1,9 @@
 """Chapter 08's benchmark: layer streaming against the disk's bound, accelerate disk offload and AirLLM.
 
-    python benchmarks/streaming.py [--size 2GB] [--small] [--batch 4] [--seq 16] [--rounds 3] [--json out.json]
+    python -m helpers.streaming_benchmark [--size 2GB] [--small] [--batch 4] [--seq 16] [--rounds 3] [--json out.json]
+
+(``python benchmarks/streaming.py`` in the repository runs the same.) It ships inside ``helpers`` so that a
+reader who installed only the package, on Colab or Kaggle, runs the same benchmark as the book.
 
 Writes a synthetic Llama (``helpers.models.synthetic_llama``) of at least ``--size`` to a temporary
 directory, splits it by layer, and measures in one run, on the same model, prompt and batch, each in its
@@ -37,6 +40,7 @@ BIG = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=16, num
 SMALL = dict(hidden_size=768, intermediate_size=2048, num_attention_heads=12, num_key_value_heads=12,
              vocab_size=16000, tie_word_embeddings=False)
 TARGET_BOUND, TARGET_RSS = 1.15, 0.15
+MODULE = "helpers.streaming_benchmark"  # each variant runs as `python -m MODULE --variant ...`
 
 
 def make_config(base: dict, size: int, dtype: str) -> dict:
@@ -239,7 +243,7 @@ def best_round(runs: list[dict]) -> dict:
 
 
 def run_variant(a, variant: str) -> dict:
-    cmd = [sys.executable, __file__, "--variant", variant, "--model", str(a.model), "--layers", str(a.layers),
+    cmd = [sys.executable, "-m", MODULE, "--variant", variant, "--model", str(a.model), "--layers", str(a.layers),
            "--out", str(a.out), "--batch", str(a.batch), "--seq", str(a.seq), "--dtype", a.dtype,
            "--repeat", str(a.repeat)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1"))
