@@ -139,6 +139,8 @@ def _convert_book_model(out: Path) -> dict:
         source = {"source": BOOK_MODEL_ID}
         tokenizer = AutoTokenizer.from_pretrained(BOOK_MODEL_ID)
         model = AutoModelForCausalLM.from_pretrained(BOOK_MODEL_ID, dtype=torch.float16)
+    if tokenizer.pad_token is None:  # some transformers releases (5.17) leave it unset from GGUF; later ones pick eos
+        tokenizer.pad_token = tokenizer.eos_token
     model.generation_config.pad_token_id = tokenizer.eos_token_id
     _save_sharded(model, out, parse_size(BOOK_MODEL_SHARD_SIZE))
     tokenizer.save_pretrained(out)
