@@ -49,6 +49,8 @@ print("helpers imported from", helpers.__file__)
 PY
 
 export BOOK_CACHE_DIR=$work/cache HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
-"$py" -m pytest -p no:cacheprovider -q tests
-"$py" -m pytest -p no:cacheprovider --nbval-lax ./*.ipynb
-echo "test-latest passed"
+status=0
+"$py" -m pytest -p no:cacheprovider -q tests || status=1    # both run, whatever the first gives
+"$py" -m pytest -p no:cacheprovider --nbval-lax ./*.ipynb || status=1
+if [ "$status" = 0 ]; then echo "test-latest passed"; else echo "test-latest FAILED (see above)"; fi
+exit "$status"
