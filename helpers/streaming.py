@@ -290,10 +290,10 @@ class LayerStreamer:
                 s["pos"] = position_ids if position_ids is not None else \
                     torch.arange(past, past + ids.shape[1], device=self.device)[None]
                 s["mask"] = create_causal_mask(config=self.model.config, inputs_embeds=s["h"], attention_mask=mask,
-                                               past_key_values=cache, position_ids=s["pos"])
+                                               cache=cache, position_ids=s["pos"])
                 s["pe"] = self.rotary_emb(s["h"], position_ids=s["pos"])
             elif block.startswith("model.layers."):
-                s["h"] = module(s["h"], attention_mask=s["mask"], position_ids=s["pos"], past_key_values=cache,
+                s["h"] = module(s["h"], attention_mask=s["mask"], position_ids=s["pos"], cache=cache,
                                 use_cache=cache is not None, position_embeddings=s["pe"])
             elif block == "model.norm":
                 s["h"] = module(s["h"][:, -1:] if last_only else s["h"])
@@ -392,11 +392,11 @@ class LayerStreamer:
                 s["pe_s"] = self.rotary_emb(s["s"], torch.arange(P, P + S, device=self.device)[None])
             elif block.startswith("model.layers."):
                 i = int(block.rsplit(".", 1)[1])
-                s["p"] = module(s["p"], attention_mask=None, past_key_values=cache, use_cache=True,
+                s["p"] = module(s["p"], attention_mask=None, cache=cache, use_cache=True,
                                 position_embeddings=s["pe_p"])
                 layer = cache.layers[i]  # the prefix's K and V, shared (not copied) by every suffix
                 layer.keys, layer.values = layer.keys.expand(n, -1, -1, -1), layer.values.expand(n, -1, -1, -1)
-                s["s"] = module(s["s"], attention_mask=suffix_mask, past_key_values=cache, use_cache=True,
+                s["s"] = module(s["s"], attention_mask=suffix_mask, cache=cache, use_cache=True,
                                 position_embeddings=s["pe_s"])
                 layer.keys = layer.values = None  # this layer's cache is not needed again
             elif block == "model.norm":

@@ -173,7 +173,7 @@ def test_kv_cache_matches_dynamic_cache(kv_heads, head_dim):
     model = AutoModelForCausalLM.from_config(config).eval()
     ids = torch.randint(0, 101, (2, 7))
     with torch.no_grad():
-        cache = model(ids, use_cache=True).past_key_values
+        cache = model(ids, use_cache=True).cache
     measured = 0
     for layer in cache.layers:
         measured += layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
