@@ -69,6 +69,9 @@ def report(path: str | Path = ".") -> dict[str, str]:
 class RuntimeVersionError(RuntimeError):
     """A library in this runtime is missing or older than the book needs."""
 
+    def _render_traceback_(self) -> list[str]:  # IPython shows this instead of the frames that raised it
+        return [f"{type(self).__name__}: {self}"]
+
 
 def requirements() -> list[str]:
     """The libraries ``helpers`` needs, with their lower bounds, as installed (``pyproject.toml``'s list)."""
@@ -113,7 +116,6 @@ def prepare(*needs: str) -> None:
     transformers (``HF_HUB_DISABLE_PROGRESS_BARS``), which would otherwise fill every loading cell;
     the book's own bars stay. accelerate's weight-loading bar has no switch and stays too.
     """
-    __tracebackhide__ = True  # IPython shows the sentence, not this frame
     for line in [*requirements(), *needs]:
         problem = _problem(line)
         if problem is not None:

@@ -64,3 +64,8 @@ def test_a_library_upgraded_after_import_asks_for_a_restart(monkeypatch):
     monkeypatch.setitem(sys.modules, "numpy", types.SimpleNamespace(__version__="1.0.0"))
     with pytest.raises(RuntimeVersionError, match=r"numpy 1.0.0 was imported before .* restart the runtime"):
         prepare("numpy>=1")
+
+
+def test_in_a_notebook_the_error_is_one_line():
+    lines = RuntimeVersionError("this chapter needs x>=2, this runtime has 1: run ...")._render_traceback_()
+    assert lines == ["RuntimeVersionError: this chapter needs x>=2, this runtime has 1: run ..."]
