@@ -36,6 +36,15 @@ def accelerate_map(model, max_memory, no_split, strategy, dtype=None):
     return infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype)
 
 
+def placement(model, device_map) -> dict[str, object]:
+    """Where each parameter and buffer goes: the device of the longest key of the map that contains it."""
+    def device(name):
+        keys = [k for k in device_map if k == "" or name == k or name.startswith(k + ".")]
+        return device_map[max(keys, key=len)] if keys else None
+    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    return {n: device(n) for n in names + [n for n, _ in model.named_buffers()]}
+
+
 # ----------------------------------------------------------------------------- random models
 
 DIMS = [8, 16, 24, 32, 64]
@@ -131,7 +140,11 @@ def test_plan_equals_accelerate(data):
         except ValueError as err:
             assert all("tied parameters" in line for line in str(err).splitlines()[1:]), err
         return
-    assert ours == dict(expected)
+    assert placement(model, ours) == placement(model, expected)
+    if ours != dict(expected):
+        # Seen once: a tied module's only child named where accelerate names the module itself
+        # ("embed4.attn2.attn0" against "embed4.attn2"): the same placement, written differently.
+        event("same placement, different keys")
     validate_device_map(model, ours, no_split_module_classes=no_split)  # a plan passes its own check
     event(f"devices used: {len(set(ours.values()))}")  # pytest --hypothesis-show-statistics
     event("tied weights" if tied_parameters(model) else "no ties")
