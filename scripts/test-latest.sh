@@ -48,7 +48,8 @@ print("test-latest versions:", ", ".join(f"{n} {version(n)}" for n in
 print("helpers imported from", helpers.__file__)
 PY
 
-export BOOK_CACHE_DIR=$work/cache HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
+mkdir "$work/tmp"   # what the chapters write to temporary folders stays in $work and goes with it
+export TMPDIR=$work/tmp BOOK_CACHE_DIR=$work/cache HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 status=0
 "$py" -m pytest -p no:cacheprovider -q tests || status=1    # both run, whatever the first gives
 "$py" -m pytest -p no:cacheprovider --nbval-lax ./*.ipynb || status=1
