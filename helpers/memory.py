@@ -153,8 +153,9 @@ def release_on_free(threshold: int = 64 * 1024) -> bool:
 def flush() -> None:
     """Give freed memory back: collect garbage, trim the C heap, empty the CUDA cache."""
     gc.collect()
-    if _glibc() is not None:  # glibc keeps freed pages in its arenas until asked to return them
-        _glibc().malloc_trim(0)
+    libc = _glibc()
+    if libc is not None:  # glibc keeps freed pages in its arenas until asked to return them
+        libc.malloc_trim(0)
     if _cuda_available():
         import torch
         torch.cuda.synchronize()
