@@ -1,19 +1,17 @@
-"""Sharded checkpoints: read safetensors by hand, inspect, validate, and split by layer.
+"""Sharded checkpoints: read a tensor by hand, inspect, validate, and split by layer.
 
-Built in chapter 03. A safetensors file is an 8-byte little-endian header length, a JSON
-header (``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}``)
-and then the raw bytes, offsets counted from the end of the header. A sharded checkpoint
-adds ``model.safetensors.index.json`` whose ``weight_map`` says which shard holds each name.
+Built in chapter 03. A safetensors file is an 8-byte little-endian header length, a JSON header
+(``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}``) and then the raw
+bytes, offsets counted from the end of the header; ``helpers.tensorfiles.read_header`` parses it. A sharded
+checkpoint adds ``model.safetensors.index.json`` whose ``weight_map`` says which shard holds each name.
 Everything here reads headers only, except ``read_tensor`` and ``split_by_layer``.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -22,100 +20,56 @@ import numpy as np
 import torch
 
 from .memory import format_size
+from .tensorfiles import (INDEX, LAYERS_FORMAT, LAYERS_INDEX, SINGLE, ST_DTYPES, CheckpointError, Header, LayerIndex, cache_key,
+                          file_key, why_stale, read_header, save_safetensors, staging_dir, weight_map,
+                          write_manifest)
 
-__all__ = ["CheckpointError", "TensorInfo", "CheckpointInfo", "read_safetensors_header", "read_tensor",
-           "inspect_checkpoint", "validate_checkpoint", "split_by_layer", "DTYPES", "LAYERS_INDEX"]
+__all__ = ["CheckpointError", "TensorInfo", "CheckpointInfo", "read_tensor", "inspect_checkpoint",
+           "validate_checkpoint", "split_by_layer"]
 
-INDEX, SINGLE, LAYERS_INDEX, LAYERS_FORMAT = (
-    "model.safetensors.index.json", "model.safetensors", "layers.index.json", "helpers-layers/1")
-MAX_HEADER = 100_000_000  # the same limit safetensors itself enforces
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-          "U8": torch.uint8, "BOOL": torch.bool,
-          "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 AUX_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
              "special_tokens_map.json", "chat_template.jinja")
 PathLike = Union[str, Path]
 
 
-class CheckpointError(ValueError):
-    """Everything wrong with a checkpoint, one problem per line (``.problems``). Built in chapter 03."""
-
-    def __init__(self, where: PathLike, problems: list[str]):
-        self.path, self.problems = Path(where), list(problems)
-        lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"{len(self.problems)} problem(s) in checkpoint {where}:\n{lines}")
-
-
 # --------------------------------------------------------------------------- the format by hand
 
-def read_safetensors_header(file: PathLike) -> dict:
-    """Parse a safetensors header by hand: 8-byte little-endian length, then that much JSON. Built in chapter 03."""
-    file = Path(file)
-    size = file.stat().st_size
-    with open(file, "rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise CheckpointError(file, [f"{file.name}: only {size} bytes, too short for the 8-byte header length"])
-        n = int.from_bytes(prefix, "little")
-        if n > min(size - 8, MAX_HEADER):
-            raise CheckpointError(file, [f"{file.name}: bad length prefix: header of {n:,} bytes announced, but the "
-                                         f"file has {size - 8:,} bytes after the prefix (and the limit is {MAX_HEADER:,})"])
-        raw = f.read(n)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(file, [f"{file.name}: header is not valid JSON ({e})"]) from None
-    if not isinstance(header, dict):
-        raise CheckpointError(file, [f"{file.name}: header is a JSON {type(header).__name__}, expected an object"])
-    return header
-
-
-def _entry_problems(file: Path, header: dict) -> tuple[list[str], set[str]]:
+def _entry_problems(header: Header) -> tuple[list[str], set[str]]:
     """Header entries that are malformed, disagree with their dtype and shape, or point past the end of the file."""
-    data_bytes = file.stat().st_size - _data_start(file)
+    name_of_file = header.path.name
     problems, bad, beyond = [], set(), {}
-    for name, e in header.items():
-        if name == "__metadata__":
-            continue
+    for name, e in header.tensors.items():
         try:
             begin, end = (int(x) for x in e["data_offsets"])
-            need = int(np.prod(e["shape"], dtype=np.int64)) * DTYPES[e["dtype"]].itemsize
+            need = int(np.prod(e["shape"], dtype=np.int64)) * ST_DTYPES[e["dtype"]].itemsize
         except (KeyError, TypeError, ValueError):
-            problems.append(f"{file.name}: key {name!r}: malformed header entry {e!r}")
+            problems.append(f"{name_of_file}: key {name!r}: malformed header entry {e!r}")
             bad.add(name)
             continue
-        if end > data_bytes:
+        if end > header.data_bytes:
             beyond[name] = end
         elif not 0 <= begin <= end or end - begin != need:
-            problems.append(f"{file.name}: key {name!r}: data_offsets [{begin}, {end}] span {end - begin:,} "
+            problems.append(f"{name_of_file}: key {name!r}: data_offsets [{begin}, {end}] span {end - begin:,} "
                             f"bytes, but dtype {e['dtype']} and shape {e['shape']} need {need:,}")
             bad.add(name)
     if beyond:  # one problem per file: a truncated file cuts off every tensor after the cut
-        problems.append(f"{file.name}: the header puts data up to byte {max(beyond.values()):,}, but the file holds "
-                        f"only {data_bytes:,} data bytes (truncated, or corrupt data_offsets); "
+        problems.append(f"{name_of_file}: the header puts data up to byte {max(beyond.values()):,}, but the file holds "
+                        f"only {header.data_bytes:,} data bytes (truncated, or corrupt data_offsets); "
                         f"key(s) out of range: {_few(sorted(beyond, key=beyond.get))}")
     return problems, bad | set(beyond)
 
 
-def _data_start(file: Path) -> int:
-    """Byte position where the tensor data begins: after the 8-byte prefix and the header."""
-    with open(file, "rb") as f:
-        return 8 + int.from_bytes(f.read(8), "little")
-
-
-def read_tensor(file: PathLike, name: str, header: Optional[dict] = None) -> torch.Tensor:
+def read_tensor(file: PathLike, name: str, header: Optional[Header] = None) -> torch.Tensor:
     """Read one tensor by hand: a copy-on-write ``np.memmap`` at its offsets, viewed as torch (zero-copy). Built in chapter 03."""
-    file = Path(file)
-    header = read_safetensors_header(file) if header is None else header
-    if name not in header or name == "__metadata__":
-        raise KeyError(f"{name!r} is not a tensor in {file}")
-    entry = header[name]
-    dtype, shape = DTYPES[entry["dtype"]], entry["shape"]
+    header = read_header(file) if header is None else header
+    if name not in header.tensors:
+        raise KeyError(f"{name!r} is not a tensor in {header.path}")
+    entry = header.tensors[name]
+    dtype, shape = ST_DTYPES[entry["dtype"]], entry["shape"]
     begin, end = entry["data_offsets"]
     if end == begin:
         return torch.empty(shape, dtype=dtype)
-    raw = np.memmap(file, dtype=np.uint8, mode="c", offset=_data_start(file) + begin, shape=(end - begin,))
+    raw = np.memmap(header.path, dtype=np.uint8, mode="c", offset=header.data_start + begin, shape=(end - begin,))
     return torch.from_numpy(raw).view(dtype).reshape(shape)
 
 
@@ -167,37 +121,15 @@ class CheckpointInfo:
         return "\n".join(rows)
 
 
-def _weight_map(path: Path) -> tuple[Path, dict[str, str]]:
-    """``(directory, {tensor name: file name})`` for a checkpoint dir, index file or single file."""
-    if path.is_file() and path.suffix == ".safetensors":
-        return path.parent, {k: path.name for k in read_safetensors_header(path) if k != "__metadata__"}
-    if path.is_file() and path.name == LAYERS_INDEX:
-        return _weight_map(path.parent)
-    root = path.parent if path.is_file() else path
-    index = path if path.is_file() else root / INDEX
-    if path.is_dir() and not index.is_file() and (root / LAYERS_INDEX).is_file():
-        files = json.loads((root / LAYERS_INDEX).read_text())["files"].values()
-        return root, {k: f for f in files for k in read_safetensors_header(root / f) if k != "__metadata__"}
-    if index.is_file():
-        try:
-            return root, dict(json.loads(index.read_text())["weight_map"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(index, [f"{index.name}: not a valid index with a weight_map ({e!r})"]) from None
-    if (root / SINGLE).is_file():
-        return _weight_map(root / SINGLE)
-    raise FileNotFoundError(f"{path} is not a safetensors checkpoint: expected a .safetensors file or a "
-                            f"directory with {INDEX}, {SINGLE} or {LAYERS_INDEX}")
-
-
 def inspect_checkpoint(path: PathLike) -> CheckpointInfo:
     """Per-tensor name/shape/dtype/shard and per-file sizes of a checkpoint, from headers only. Built in chapter 03."""
-    root, weight_map = _weight_map(Path(path))
+    root, names = weight_map(path)
     info = CheckpointInfo(Path(path))
-    for shard in dict.fromkeys(weight_map.values()):
-        header = read_safetensors_header(root / shard)
+    for shard in dict.fromkeys(names.values()):
+        header = read_header(root / shard)
         info.shard_bytes[shard] = (root / shard).stat().st_size
-        for name, e in header.items():
-            if name != "__metadata__" and weight_map.get(name) == shard:
+        for name, e in header.tensors.items():
+            if names.get(name) == shard:
                 begin, end = e["data_offsets"]
                 info.tensors.append(TensorInfo(name, tuple(e["shape"]), e["dtype"], shard, end - begin))
     return info
@@ -227,31 +159,31 @@ def _listing_name(path: Path) -> str:
 def validate_checkpoint(path: PathLike, model: torch.nn.Module, *, check_dtype: bool = True) -> CheckpointInfo:
     """Check a checkpoint against ``model`` (meta is fine) and raise one ``CheckpointError`` listing every problem. Built in chapter 03."""
     path = Path(path)
-    root, weight_map = _weight_map(path)  # an unreadable index is a problem we cannot see past
+    root, names = weight_map(path)  # an unreadable index is a problem we cannot see past
     problems, found = [], {}
     info = CheckpointInfo(path)
-    for shard in dict.fromkeys(weight_map.values()):
-        file, keys = root / shard, [k for k, v in weight_map.items() if v == shard]
+    for shard in dict.fromkeys(names.values()):
+        file, keys = root / shard, [k for k, v in names.items() if v == shard]
         if not file.is_file():
             problems.append(f"{shard}: shard file is missing; the index maps {len(keys)} key(s) to it: {_few(keys)}")
             continue
         try:
-            header = read_safetensors_header(file)
+            header = read_header(file)
         except CheckpointError as e:
             problems += [f"{p}; its key(s) cannot be read: {_few(keys)}" for p in e.problems]
             continue
-        entry_problems, bad = _entry_problems(file, header)
+        entry_problems, bad = _entry_problems(header)
         problems += entry_problems
         info.shard_bytes[shard] = file.stat().st_size
         for k in keys:
-            if k not in header:
+            if k not in header.tensors:
                 problems.append(f"{shard}: key {k!r} is in the index but not in the file")
-        for k, e in header.items():
-            if k == "__metadata__" or k in bad:
+        for k, e in header.tensors.items():
+            if k in bad:
                 continue
-            if weight_map.get(k) != shard:
+            if names.get(k) != shard:
                 problems.append(f"{shard}: key {k!r} is in the file but the index does not list it here")
-                if k in weight_map:
+                if k in names:
                     continue
             found[k] = (shard, e)
             begin, end = e["data_offsets"]
@@ -259,7 +191,7 @@ def validate_checkpoint(path: PathLike, model: torch.nn.Module, *, check_dtype: 
     expected = model.state_dict()
     listing = _listing_name(path)  # the file that should have named a missing key
     for group in _tied_groups(model):
-        if not any(k in found or k in weight_map for k in group):
+        if not any(k in found or k in names for k in group):
             problems.append(f"{listing}: missing key {group[0]!r}" + (f" (tied with {_few(group[1:])})"
                                                                          if len(group) > 1 else ""))
     for k, (shard, e) in found.items():
@@ -269,7 +201,7 @@ def validate_checkpoint(path: PathLike, model: torch.nn.Module, *, check_dtype: 
         want = expected[k]
         if list(e["shape"]) != list(want.shape):
             problems.append(f"{shard}: key {k!r} has shape {list(e['shape'])}, the model expects {list(want.shape)}")
-        got = DTYPES.get(e["dtype"])
+        got = ST_DTYPES.get(e["dtype"])
         if check_dtype and got != want.dtype:
             problems.append(f"{shard}: key {k!r} has dtype {e['dtype']} ({got}), the model expects {want.dtype}")
     if problems:
@@ -294,69 +226,56 @@ def _block_order(block: str) -> tuple:
     return (4, 0) if block == "lm_head" else (3, 0) if block.endswith(".norm") else (1, 0)
 
 
-def _source_stamp(root: Path, weight_map: dict[str, str]) -> dict:
-    files = sorted(set(weight_map.values()))
-    return {"path": str(root.resolve()), "files": {f: (root / f).stat().st_size for f in files}}
-
-
 def split_by_layer(path: PathLike, out_dir: PathLike, *, progress: bool = True) -> Path:
-    """Rewrite a safetensors checkpoint as one file per top-level block plus ``layers.index.json``. Built in chapter 03."""
+    """Rewrite a safetensors checkpoint as one file per top-level block plus ``layers.index.json``. Built in chapter 03.
+
+    The split is built in a temporary folder and appears as ``out_dir`` only once complete. Called again
+    with the same source, it returns the existing split without reading anything.
+    """
     from safetensors import safe_open
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     path, out_dir = Path(path), Path(out_dir)
-    root, weight_map = _weight_map(path)
+    root, names = weight_map(path)
     if not (root / "config.json").is_file():
         raise FileNotFoundError(f"{root} has no config.json; split_by_layer needs a model directory")
-    missing = sorted(set(weight_map.values()) - {p.name for p in root.iterdir()})
+    missing = sorted(set(names.values()) - {p.name for p in root.iterdir()})
     if missing:
         raise CheckpointError(root, [f"{m}: shard file is missing" for m in missing])
-    stamp = _source_stamp(root, weight_map)
+    key = cache_key(split_of=file_key(*(root / f for f in sorted(set(names.values())))), format=LAYERS_FORMAT)
     if out_dir.exists() and any(out_dir.iterdir()):
-        try:
-            if json.loads((out_dir / LAYERS_INDEX).read_text()).get("source") == stamp:
-                return out_dir
-        except (OSError, ValueError):
-            pass
-        raise FileExistsError(f"{out_dir} exists and is not a complete split of {root}; remove it or choose another out_dir")
+        problems = why_stale(out_dir, key)
+        if not problems:
+            return out_dir
+        raise FileExistsError(f"{out_dir} exists and is not a complete split of {root} ({'; '.join(problems)}); "
+                              "remove it or choose another out_dir")
 
     config = json.loads((root / "config.json").read_text())
-    tied = "lm_head.weight" not in weight_map or bool(config.get("tie_word_embeddings", False))
-    headers = {s: read_safetensors_header(root / s) for s in dict.fromkeys(weight_map.values())}
+    tied = "lm_head.weight" not in names or bool(config.get("tie_word_embeddings", False))
+    headers = {s: read_header(root / s) for s in dict.fromkeys(names.values())}
     blocks: dict[str, list[str]] = {}
-    for name in weight_map:
+    for name in names:
         if not (tied and name == "lm_head.weight"):
             blocks.setdefault(_block_of(name), []).append(name)
     order = sorted(blocks, key=_block_order)
-    nbytes = {b: sum(int(np.diff(headers[weight_map[k]][k]["data_offsets"])[0]) for k in blocks[b]) for b in order}
+    nbytes = {b: sum(int(np.diff(headers[names[k]].tensors[k]["data_offsets"])[0]) for k in blocks[b]) for b in order}
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-split-", dir=out_dir.parent))
-    try:
+    with staging_dir(out_dir) as tmp:
         bar = tqdm(total=sum(nbytes.values()), unit="B", unit_scale=True, desc="splitting by layer",
                    disable=not progress)
         for block in order:
             tensors = {}
-            for shard in dict.fromkeys(weight_map[k] for k in blocks[block]):
+            for shard in dict.fromkeys(names[k] for k in blocks[block]):
                 with safe_open(root / shard, framework="pt") as f:  # mmap: pages are read as they are copied
-                    tensors.update({k: f.get_tensor(k) for k in blocks[block] if weight_map[k] == shard})
-            save_file(tensors, tmp / f"{block}.safetensors", metadata={"format": "pt"})
+                    tensors.update({k: f.get_tensor(k) for k in blocks[block] if names[k] == shard})
+            save_safetensors(tmp / f"{block}.safetensors", tensors, metadata={"format": "pt"})
             del tensors
             bar.update(nbytes[block])
         bar.close()
         for name in AUX_FILES:
             if (root / name).is_file():
                 shutil.copyfile(root / name, tmp / name)
-        index = {"format": LAYERS_FORMAT, "blocks": order + (["lm_head"] if tied else []),
-                 "files": {b: f"{b}.safetensors" for b in order},
-                 "tied": {"lm_head.weight": "model.embed_tokens.weight"} if tied else {},
-                 "bytes": nbytes, "total_size": sum(nbytes.values()), "source": stamp}
-        (tmp / LAYERS_INDEX).write_text(json.dumps(index, indent=1))  # last: its presence means complete
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (checked above)
-        os.rename(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        LayerIndex(blocks=order + (["lm_head"] if tied else []), files={b: f"{b}.safetensors" for b in order},
+                   tied={"lm_head.weight": "model.embed_tokens.weight"} if tied else {}, bytes=nbytes).write(tmp)
+        write_manifest(tmp, key, source=str(root))
     return out_dir

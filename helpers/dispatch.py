@@ -15,10 +15,7 @@ current one computes.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import tempfile
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,11 +26,10 @@ from typing import Any, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from helpers.checkpoints import DTYPES
+from helpers.tensorfiles import (KEY_FIELD, cache_key, drop_page_cache, file_key, why_stale, read_safetensors,
+                                 save_safetensors, weight_map, written_by_helpers)
 
 __all__ = ["dispatch", "undispatch", "drop_page_cache", "plan_device_map", "validate_device_map"]
-
-_OWNER = "helpers.dispatch"  # written into every offload file's metadata: "this file is ours"
 
 
 def __getattr__(name: str):  # chapter 04's planner, imported only when asked for
@@ -82,123 +78,11 @@ def _device(value: object) -> Union[torch.device, str]:
     return device
 
 
-# --------------------------------------------------------------------------- offload files
-
-def _read_header(path: Path) -> tuple[int, dict]:
-    """(where the data starts, the JSON header) of a safetensors file."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-    return 8 + n, header
-
-
-def _file_is_ours(path: Path) -> bool:
-    try:
-        return _read_header(path)[1].get("__metadata__", {}).get("written_by") == _OWNER
-    except (OSError, ValueError, UnicodeDecodeError):
-        return False
-
-
-def _file_is_valid(path: Path, fingerprint: str) -> bool:
-    """Ours, complete (size matches the header) and written from the same source tensors."""
-    try:
-        start, header = _read_header(path)
-    except (OSError, ValueError, UnicodeDecodeError):
-        return False
-    meta = header.pop("__metadata__", {})
-    end = max((info["data_offsets"][1] for info in header.values()), default=0)
-    return (meta.get("written_by") == _OWNER and meta.get("fingerprint") == fingerprint
-            and path.stat().st_size == start + end)
-
-
-def _write_atomically(path: Path, tensors: dict[str, torch.Tensor], fingerprint: str) -> None:
-    """Write a safetensors file under a temporary name in the same folder, fsync, then rename."""
-    from safetensors.torch import save_file
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp,
-                  metadata={"written_by": _OWNER, "fingerprint": fingerprint})
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)  # our own temporary file, never a finished one
-        raise
-
-
-def _views(path: Path, header: dict, buf: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The tensors a safetensors header describes, as views of ``buf`` (the file's data bytes)."""
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
-        if not 0 <= start <= end <= buf.numel():
-            raise ValueError(f"{path}: tensor {name!r} has data_offsets [{start}, {end}], outside the file's "
-                             f"{buf.numel():,} data bytes (truncated or corrupt)")
-        raw, dtype = buf[start:end], DTYPES[info["dtype"]]
-        if start % dtype.itemsize:  # unaligned (never for files safetensors writes): copy
-            raw = raw.clone()
-        tensors[name] = raw.view(dtype).reshape(info["shape"])
-    return tensors
-
-
-def _read_file(path: Path, buffer: Optional[torch.Tensor] = None,
-               pin: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Every tensor of a safetensors file, read with one sequential read into ``buffer`` (reused if big enough)."""
-    start, header = _read_header(path)
-    header.pop("__metadata__", None)
-    size = path.stat().st_size - start
-    if buffer is None or buffer.numel() < size:  # pinned: the copy to the GPU can run asynchronously
-        buffer = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
-    view, done = memoryview(buffer.numpy()), 0
-    with open(path, "rb", buffering=0) as f:  # readinto releases the GIL: prefetch overlaps compute
-        f.seek(start)
-        while done < size:
-            n = f.readinto(view[done:])
-            if not n:
-                raise OSError(f"{path} ended after {done} of {size} data bytes")
-            done += n
-    return _views(path, header, buffer[:size]), buffer
-
-
-def drop_page_cache(*paths: Union[str, Path]) -> int:
-    """Drop the cached pages of these files (or of every file under these folders); returns how many. Built in chapter 05."""
-    if not hasattr(os, "posix_fadvise"):
-        raise OSError("drop_page_cache needs os.posix_fadvise (Linux); this platform cannot drop cached pages")
-    count = 0
-    for root in map(Path, paths):
-        for path in ([root] if root.is_file() else [p for p in root.rglob("*") if p.is_file()]):
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fdatasync(fd)  # dirty pages cannot be dropped: write them first
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-            count += 1
-    return count
-
-
 # --------------------------------------------------------------------------- checkpoints
 
-def _checkpoint_index(checkpoint: Path) -> dict[str, Path]:
-    """tensor name -> shard file, for a safetensors checkpoint folder (sharded or not)."""
-    index = checkpoint / "model.safetensors.index.json"
-    if index.is_file():
-        return {k: checkpoint / v for k, v in json.loads(index.read_text())["weight_map"].items()}
-    single = checkpoint / "model.safetensors"
-    if single.is_file():
-        from safetensors import safe_open
-        with safe_open(single, framework="pt") as f:
-            return {k: single for k in f.keys()}
-    raise ValueError(f"checkpoint {str(checkpoint)!r} has neither model.safetensors.index.json nor model.safetensors")
-
-
-def _load_from_checkpoint(index: dict[str, Path], key: str, dtype: torch.dtype) -> torch.Tensor:
+def _load_from_checkpoint(root: Path, names: dict[str, str], key: str, dtype: torch.dtype) -> torch.Tensor:
     from safetensors import safe_open
-    with safe_open(index[key], framework="pt") as f:
+    with safe_open(root / names[key], framework="pt") as f:
         return f.get_tensor(key).to(dtype)
 
 
@@ -252,7 +136,7 @@ class _Dispatcher:
     def load(self, entry: _Entry) -> dict[str, torch.Tensor]:
         """An offloaded entry's weights on the execution device (runs on the prefetch thread too)."""
         start = time.perf_counter()
-        host, buffer = _read_file(entry.file, self._buffer(), self.cuda) if entry.where == "disk" else (entry.store, None)
+        host, buffer = read_safetensors(entry.file, self._buffer(), pin=self.cuda) if entry.where == "disk" else (entry.store, None)
         if self.cuda:  # pinned host memory -> GPU on a side stream, waited for here, not by compute
             with torch.cuda.stream(self.copy_stream):
                 out = {k: v.to(self.execution_device, non_blocking=True) for k, v in host.items()}
@@ -389,7 +273,7 @@ def dispatch(model: nn.Module, device_map: Mapping[str, Union[int, str, torch.de
     if hasattr(model, "_helpers_dispatcher"):
         raise ValueError("model is already dispatched; call undispatch(model) first")
     checkpoint = Path(checkpoint) if checkpoint is not None else None
-    index = _checkpoint_index(checkpoint) if checkpoint is not None else None
+    root, index = weight_map(checkpoint) if checkpoint is not None else (None, None)
     offload_dir = Path(offload_dir) if offload_dir is not None else None
     groups = _tensor_groups(model)
     problems = _problems(model, device_map, groups, index, offload_dir, execution_device)
@@ -399,8 +283,8 @@ def dispatch(model: nn.Module, device_map: Mapping[str, Union[int, str, torch.de
                   else accelerators[0] if accelerators else torch.device("cpu")) if not problems else None
     targets = {key: offload_dir / f"{key or 'model'}.safetensors" for key, d in devices.items() if d == "disk"}
     for key, path in targets.items():
-        if path.exists() and not _file_is_ours(path):
-            problems.append(f"{path} exists and was not written by {_OWNER}; it will not be overwritten. "
+        if path.exists() and not written_by_helpers(path):
+            problems.append(f"{path} exists and was not written by helpers; it will not be overwritten. "
                             "Choose another offload_dir or move the file away")
     if problems:
         raise ValueError("cannot dispatch:\n  - " + "\n  - ".join(problems))
@@ -422,7 +306,7 @@ def dispatch(model: nn.Module, device_map: Mapping[str, Union[int, str, torch.de
         if tensor.device.type != "meta":
             return tensor.detach()
         key = next(n for n, *_ in users if n in index)
-        return _load_from_checkpoint(index, key, tensor.dtype)
+        return _load_from_checkpoint(root, index, key, tensor.dtype)
 
     for entry in entries:
         mine = {id_: [u for u in users if _inside(u[0], entry.name)] for id_, users in groups.items()}
@@ -442,12 +326,11 @@ def dispatch(model: nn.Module, device_map: Mapping[str, Union[int, str, torch.de
             from_memory = any(_tensor_of(groups[i]).device.type != "meta" for i in mine if mine[i][0][3])
             spec = [[users[0][0], list(_tensor_of(users).shape), str(_tensor_of(users).dtype)]
                     for users in mine.values() if users[0][3]]
-            stamp = os.urandom(8).hex() if from_memory else [
-                [str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(set(index.values()))]
-            fingerprint = hashlib.sha256(json.dumps([spec, stamp]).encode()).hexdigest()
-            if not _file_is_valid(entry.file, fingerprint):
+            sources = os.urandom(8).hex() if from_memory else file_key(*sorted({root / f for f in index.values()}))
+            key = cache_key(tensors=spec, sources=sources)
+            if why_stale(entry.file, key):
                 host = {users[0][0]: source(groups[i]) for i, users in mine.items() if users[0][3]}
-                _write_atomically(entry.file, host, fingerprint)
+                save_safetensors(entry.file, host, metadata={KEY_FIELD: key})
         elif entry.where == "cpu":
             for i, users in mine.items():
                 if users[0][3]:
@@ -490,7 +373,7 @@ def undispatch(model: nn.Module) -> nn.Module:
     dispatcher.free_buffers.clear()
     restored: dict[str, nn.Parameter] = {}
     for entry in dispatcher.order:
-        host = _read_file(entry.file)[0] if entry.where == "disk" else entry.store
+        host = read_safetensors(entry.file)[0] if entry.where == "disk" else entry.store
         for canonical, users in entry.params.items():
             if canonical not in restored:
                 restored[canonical] = nn.Parameter(host[canonical].to("cpu"), requires_grad=False)

@@ -10,11 +10,7 @@ embedding reads only the rows a pass looks up.
 
 from __future__ import annotations
 
-import ctypes
-import json
-import mmap
 import os
-import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -22,61 +18,9 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from helpers.checkpoints import LAYERS_FORMAT, LAYERS_INDEX, read_safetensors_header
-from helpers.dispatch import _read_file, _views, drop_page_cache
+from helpers.tensorfiles import drop_page_cache, map_safetensors, read_layer_index, read_safetensors, touch_rows
 
-__all__ = ["LayerStreamer", "map_safetensors", "predicted_peak_bytes"]
-
-_MADV_POPULATE_READ = 22
-_libc: Optional[ctypes.CDLL] = None
-
-
-def _populate(mapping: mmap.mmap) -> None:
-    """Read a whole mapping in from the disk now, without holding the GIL (so the compute thread runs on)."""
-    if sys.platform == "linux":
-        global _libc
-        _libc = _libc or ctypes.CDLL(None, use_errno=True)
-        anchor = ctypes.c_char.from_buffer(mapping)  # the mapping's address; released just below
-        address = ctypes.addressof(anchor)
-        del anchor
-        # MADV_POPULATE_READ (Linux 5.14+): fault every page in, the kernel reading ahead in large requests
-        if _libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(len(mapping)), _MADV_POPULATE_READ) == 0:
-            return
-    torch.frombuffer(mapping, dtype=torch.uint8)[::mmap.PAGESIZE].sum()  # elsewhere: touch one byte per page
-
-
-def map_safetensors(path: Union[str, Path], *, populate: bool = True) -> tuple[dict[str, torch.Tensor], int]:
-    """Map a safetensors file into memory and return its tensors as views of the mapping. Built in chapter 08.
-
-    Returns ``(tensors, bytes)``. Nothing is copied: the tensors *are* the kernel's page-cache pages of the
-    file, so reading copies nothing and leaves the CPU to the compute. The mapping is private
-    (copy-on-write): an in-place change to a tensor never reaches the file. ``populate=True`` reads the
-    whole file in before returning; ``populate=False`` reads a page only when it is first touched, and
-    nothing around it (no read-ahead). The mapping is released when the last tensor is.
-    """
-    path = Path(path)
-    header = read_safetensors_header(path)  # checked: length prefix, JSON object
-    with open(path, "rb") as f:
-        mapping = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    if populate:
-        _populate(mapping)
-    else:
-        mapping.madvise(mmap.MADV_RANDOM)
-    start = 8 + int.from_bytes(mapping[:8], "little")
-    return _views(path, header, torch.frombuffer(mapping, dtype=torch.uint8)[start:]), len(mapping)
-
-
-def _touch_rows(tensors: dict[str, torch.Tensor], rows: torch.Tensor) -> int:
-    """Fault in just ``rows`` of each (lazily mapped) table; returns the bytes of the pages that takes."""
-    pages: set[int] = set()
-    for t in tensors.values():
-        t.index_select(0, rows)  # the lookup itself, here in the reader thread: the kernel reads those pages
-        row, first = t[0].nbytes, t.data_ptr() - t.untyped_storage().data_ptr()
-        for r in rows.tolist():
-            start = first + r * row
-            pages.update(range(start // mmap.PAGESIZE, (start + row - 1) // mmap.PAGESIZE + 1))
-    return len(pages) * mmap.PAGESIZE
-
+__all__ = ["LayerStreamer", "predicted_peak_bytes"]
 
 def predicted_peak_bytes(config, batch_size: int, seq_len: int, dtype, *, prefetch: bool = True) -> int:
     """Bytes ``LayerStreamer`` holds at its peak on the CPU, from ``helpers.arithmetic``. Built in chapter 08.
@@ -115,13 +59,7 @@ class LayerStreamer:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.layer_dir = Path(layer_dir)
-        index_path = self.layer_dir / LAYERS_INDEX
-        if not index_path.is_file():
-            raise FileNotFoundError(f"{self.layer_dir} has no {LAYERS_INDEX}: it is not a complete per-layer split "
-                                    "(make one with helpers.checkpoints.split_by_layer)")
-        self.index = json.loads(index_path.read_text())
-        if self.index.get("format") != LAYERS_FORMAT:
-            raise ValueError(f"{index_path} has format {self.index.get('format')!r}; expected {LAYERS_FORMAT!r}")
+        self.index = read_layer_index(self.layer_dir)
         if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
             raise ValueError(f"dtype {dtype!r} must be a floating-point torch.dtype such as torch.float32")
         self.device = torch.device(device if device is not None else
@@ -139,7 +77,7 @@ class LayerStreamer:
             self.model = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype).eval()
         rotary = self.model.model.rotary_emb  # buffers only: rebuild it for real on the device
         self.rotary_emb = type(rotary)(config=self.model.config).to(self.device)
-        self.blocks: list[str] = list(self.index["blocks"])
+        self.blocks: list[str] = list(self.index.blocks)
         self._sources = {b: self._sources_of(b) for b in self.blocks}
         self._cuda = self.device.type == "cuda"
         self._copy_stream = torch.cuda.Stream(self.device) if self._cuda else None
@@ -151,16 +89,10 @@ class LayerStreamer:
     # ------------------------------------------------------------------ loading one block
     def _sources_of(self, block: str) -> list[tuple[Path, dict[str, str]]]:
         """Files to read for a block, each with {name in file: name in block}; tied weights come from their source."""
-        files, out = self.index["files"], []
-        if block in files:
-            out.append((self.layer_dir / files[block], {}))
-        for target, source in self.index.get("tied", {}).items():
-            if target.startswith(block + ".") and block not in files:
-                src_block = next(b for b in files if source.startswith(b + "."))
-                out.append((self.layer_dir / files[src_block], {source: target}))
-        if not out:
-            raise ValueError(f"block {block!r} of {self.layer_dir / LAYERS_INDEX} has no file and no tied source")
-        return out
+        if block in self.index.files:
+            return [(self.layer_dir / self.index.files[block], {})]
+        owner, source, target = self.index.tied_source(block)  # read_layer_index checked there is one
+        return [(self.layer_dir / self.index.files[owner], {source: target})]
 
     def _slot(self, i: int) -> torch.Tensor:
         """Pinned read buffer i % 2 (CUDA), as big as the biggest file: block i reads into it while block i - 1 computes."""
@@ -174,7 +106,7 @@ class LayerStreamer:
 
         On the CPU the files are memory-mapped (``map_safetensors``): the kernel reads them into the page
         cache and the tensors are those very pages, so the read leaves both the CPU and the GIL to the
-        compute. On CUDA they are read into a pinned buffer (chapter 05's ``_read_file``) and copied on a side
+        compute. On CUDA they are read into a pinned buffer (``helpers.tensorfiles.read_safetensors``) and copied on a side
         stream. ``rows``: the token ids the pass looks up; an embedding on the CPU reads only those rows.
         """
         block = self.blocks[i]
@@ -184,9 +116,9 @@ class LayerStreamer:
         for path, rename in sources:
             if lookup and not rename:  # an embedding on the CPU: read only the rows this pass looks up
                 tensors, _ = map_safetensors(path, populate=False)
-                n = path.stat().st_size - sum(t.nbytes for t in tensors.values()) + _touch_rows(tensors, rows)
+                n = path.stat().st_size - sum(t.nbytes for t in tensors.values()) + touch_rows(tensors, rows)
             elif self._cuda:  # chapter 05's reader: one readinto into a reused pinned buffer
-                tensors, _ = _read_file(path, self._slot(i) if len(sources) == 1 else None, pin=True)
+                tensors, _ = read_safetensors(path, self._slot(i) if len(sources) == 1 else None, pin=True)
                 n = path.stat().st_size
             else:
                 tensors, n = map_safetensors(path)

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from helpers.dispatch import drop_page_cache
 from helpers.memory import format_size, measure, parse_size
+from helpers.tensorfiles import drop_page_cache, map_safetensors, read_layer_index, read_safetensors
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 BIG = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=16, num_key_value_heads=16,
@@ -54,8 +54,7 @@ def make_config(base: dict, size: int, dtype: str) -> dict:
 
 
 def layer_files(layers: Path) -> list[Path]:
-    index = json.loads((layers / "layers.index.json").read_text())
-    return [layers / f for f in index["files"].values()]
+    return [layers / f for f in read_layer_index(layers).files.values()]
 
 
 # --------------------------------------------------------------------------- variants (one per subprocess)
@@ -63,9 +62,6 @@ def layer_files(layers: Path) -> list[Path]:
 def run_disk(a) -> dict:
     """Cold read of every layer file (pages dropped first), three ways, interleaved; best of ``--repeat`` each."""
     from safetensors.torch import load_file
-
-    from helpers.dispatch import _read_file
-    from helpers.streaming import map_safetensors
 
     files = layer_files(a.layers)
     nbytes = sum(f.stat().st_size for f in files)
@@ -75,7 +71,7 @@ def run_disk(a) -> dict:
         for t in load_file(f).values():
             t.reshape(-1).view(torch.uint8)[::4096].sum()
 
-    readers = {"readinto": lambda f: _read_file(f, buf), "safetensors": mmap_and_touch,
+    readers = {"readinto": lambda f: read_safetensors(f, buf), "safetensors": mmap_and_touch,
                "map": map_safetensors}
     times: dict[str, list[float]] = {k: [] for k in readers}
     for _ in range(a.repeat):
@@ -135,12 +131,10 @@ def run_overlap(a) -> dict:
 
     from transformers import AutoModelForCausalLM
 
-    from helpers.streaming import map_safetensors
-
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=DTYPES[a.dtype]).eval()
     ids = _prompt(a, model.config.vocab_size)
-    index = json.loads((a.layers / "layers.index.json").read_text())
-    files = [a.layers / index["files"][b] for b in index["blocks"] if b in index["files"] and b != "model.embed_tokens"]
+    index = read_layer_index(a.layers)
+    files = [a.layers / index.files[b] for b in index.blocks if b in index.files and b != "model.embed_tokens"]
 
     def read_all():
         for f in files:

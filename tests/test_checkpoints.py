@@ -13,7 +13,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from helpers import checkpoints as ck
+from helpers import tensorfiles
 from helpers.checkpoints import CheckpointError
+from helpers.tensorfiles import INDEX, ST_DTYPES, read_header, read_layer_index
 from helpers.memory import measure
 from helpers.models import book_model_dir, synthetic_llama
 
@@ -45,7 +47,7 @@ def copy(tiny, tmp_path) -> Path:
 
 
 def weight_map(path: Path) -> dict:
-    return json.loads((path / ck.INDEX).read_text())["weight_map"]
+    return json.loads((path / INDEX).read_text())["weight_map"]
 
 
 def state_dict(path: Path) -> dict:
@@ -59,13 +61,13 @@ def state_dict(path: Path) -> dict:
 
 def test_header_by_hand_agrees_with_safetensors(tiny):
     for shard in sorted(set(weight_map(tiny).values())):
-        header = ck.read_safetensors_header(tiny / shard)
+        header = read_header(tiny / shard)
         with safe_open(tiny / shard, framework="pt") as f:
-            assert header.pop("__metadata__") == f.metadata() == {"format": "pt"}
-            assert sorted(header) == sorted(f.keys())
-            for name, entry in header.items():
+            assert header.metadata == f.metadata() == {"format": "pt"}
+            assert sorted(header.tensors) == sorted(f.keys())
+            for name, entry in header.tensors.items():
                 t = f.get_tensor(name)
-                assert list(t.shape) == entry["shape"] and ck.DTYPES[entry["dtype"]] == t.dtype
+                assert list(t.shape) == entry["shape"] and ST_DTYPES[entry["dtype"]] == t.dtype
                 mine = ck.read_tensor(tiny / shard, name, header)
                 assert mine.dtype == t.dtype and torch.equal(mine, t)
 
@@ -87,7 +89,7 @@ def test_read_tensor_all_dtypes(tmp_path):
 
 def test_inspect_sharded(tiny):
     info = ck.inspect_checkpoint(tiny)
-    index = json.loads((tiny / ck.INDEX).read_text())
+    index = json.loads((tiny / INDEX).read_text())
     assert {t.name for t in info.tensors} == set(index["weight_map"])
     assert all(index["weight_map"][t.name] == t.shard for t in info.tensors)
     assert info.total_bytes == index["metadata"]["total_size"]
@@ -148,9 +150,9 @@ def rewrite_shard(file: Path, change) -> None:
 
 
 def set_index(path: Path, change) -> None:
-    index = json.loads((path / ck.INDEX).read_text())
+    index = json.loads((path / INDEX).read_text())
     change(index["weight_map"])
-    (path / ck.INDEX).write_text(json.dumps(index))
+    (path / INDEX).write_text(json.dumps(index))
 
 
 def rewrite_header(file: Path, change) -> None:
@@ -209,9 +211,8 @@ def offsets_beyond(p):
 
 def truncated(p):
     f = shard_of(p, KEY)
-    end = ck.read_safetensors_header(f)[KEY]["data_offsets"][1]
-    start = 8 + int.from_bytes(f.read_bytes()[:8], "little")
-    os.truncate(f, start + end - 1)  # cut through the last byte of KEY
+    header = read_header(f)
+    os.truncate(f, header.data_start + header.tensors[KEY]["data_offsets"][1] - 1)  # cut through the last byte of KEY
 
 
 def index_without_file_key(p):
@@ -247,7 +248,7 @@ def test_each_corruption_is_one_error_naming_file_and_key(copy, case):
     message = str(e.value)
     assert isinstance(e.value, ValueError) and words in message and repr(key) in message, message
     assert len(e.value.problems) == 1, message
-    named = shard if case != "missing key" else ck.INDEX
+    named = shard if case != "missing key" else INDEX
     assert any(named in p and repr(key) in p for p in e.value.problems), e.value.problems
 
 
@@ -266,55 +267,44 @@ def test_every_problem_is_listed_at_once(copy):
 
 
 def test_corrupt_index(copy):
-    (copy / ck.INDEX).write_text("{not json")
-    with pytest.raises(CheckpointError, match=ck.INDEX):
+    (copy / INDEX).write_text("{not json")
+    with pytest.raises(CheckpointError, match=INDEX):
         ck.validate_checkpoint(copy, meta_model(copy))
-
-
-def test_read_header_errors(tmp_path):
-    short = tmp_path / "short.safetensors"
-    short.write_bytes(b"\x01\x02")
-    with pytest.raises(CheckpointError, match="short.safetensors.*too short"):
-        ck.read_safetensors_header(short)
-    listy = tmp_path / "list.safetensors"
-    listy.write_bytes((2).to_bytes(8, "little") + b"[]")
-    with pytest.raises(CheckpointError, match="expected an object"):
-        ck.read_safetensors_header(listy)
 
 
 # --------------------------------------------------------------------------- split_by_layer
 
 def test_split_tied_follows_the_contract(tiny, tmp_path):
     out = ck.split_by_layer(tiny, tmp_path / "layers", progress=False)
-    index = json.loads((out / ck.LAYERS_INDEX).read_text())
+    index = read_layer_index(out)
     n = TINY["num_hidden_layers"]
     blocks = ["model.embed_tokens", *[f"model.layers.{i}" for i in range(n)], "model.norm", "lm_head"]
-    assert index["format"] == "helpers-layers/1" and index["blocks"] == blocks
-    assert index["files"] == {b: f"{b}.safetensors" for b in blocks[:-1]}
-    assert index["tied"] == {"lm_head.weight": "model.embed_tokens.weight"}
+    assert index.blocks == blocks
+    assert index.files == {b: f"{b}.safetensors" for b in blocks[:-1]}
+    assert index.tied == {"lm_head.weight": "model.embed_tokens.weight"}
     assert not (out / "lm_head.safetensors").exists()
     original = state_dict(tiny)
-    assert index["total_size"] == sum(index["bytes"].values()) == sum(t.nbytes for t in original.values())
+    assert sum(index.bytes.values()) == sum(t.nbytes for t in original.values())
     assert (out / "config.json").read_text() == (tiny / "config.json").read_text()
     reassembled = {}
-    for block, file in index["files"].items():
+    for block, file in index.files.items():
         part = load_file(out / file)
-        assert all(ck._block_of(k) == block for k in part)
-        assert index["bytes"][block] == sum(t.nbytes for t in part.values())
+        assert all(k.startswith(block + ".") for k in part)
+        assert index.bytes[block] == sum(t.nbytes for t in part.values())
         reassembled.update(part)
     assert reassembled.keys() == original.keys()
     assert all(torch.equal(reassembled[k], original[k]) and reassembled[k].dtype == original[k].dtype
                for k in original)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dir left
     info = ck.validate_checkpoint(out, meta_model(tiny))  # the split is itself a valid checkpoint
-    assert len(info.shard_bytes) == len(index["files"]) and info.total_bytes == index["total_size"]
+    assert len(info.shard_bytes) == len(index.files) and info.total_bytes == sum(index.bytes.values())
 
 
 def test_split_untied_writes_lm_head(tiny_untied, tmp_path):
     out = ck.split_by_layer(tiny_untied, tmp_path / "layers", progress=False)
-    index = json.loads((out / ck.LAYERS_INDEX).read_text())
-    assert index["tied"] == {} and index["blocks"][-1] == "lm_head"
-    assert index["files"]["lm_head"] == "lm_head.safetensors"
+    index = read_layer_index(out)
+    assert index.tied == {} and index.blocks[-1] == "lm_head"
+    assert index.files["lm_head"] == "lm_head.safetensors"
     assert torch.equal(load_file(out / "lm_head.safetensors")["lm_head.weight"],
                        state_dict(tiny_untied)["lm_head.weight"])
 
@@ -330,9 +320,9 @@ def test_split_single_file_checkpoint(tiny, tmp_path):
 
 def test_split_is_idempotent_and_refuses_other_dirs(tiny, tiny_untied, tmp_path):
     out = ck.split_by_layer(tiny, tmp_path / "layers", progress=False)
-    stamp = (out / ck.LAYERS_INDEX).stat().st_mtime_ns
+    stamp = (out / tensorfiles.LAYERS_INDEX).stat().st_mtime_ns
     assert ck.split_by_layer(tiny, out, progress=False) == out
-    assert (out / ck.LAYERS_INDEX).stat().st_mtime_ns == stamp
+    assert (out / tensorfiles.LAYERS_INDEX).stat().st_mtime_ns == stamp
     with pytest.raises(FileExistsError, match="layers"):  # same out_dir, another source
         ck.split_by_layer(tiny_untied, out, progress=False)
     other = tmp_path / "other"
@@ -343,22 +333,20 @@ def test_split_is_idempotent_and_refuses_other_dirs(tiny, tiny_untied, tmp_path)
     assert [p.name for p in other.iterdir()] == ["mine.txt"]
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert (ck.split_by_layer(tiny, empty, progress=False) / ck.LAYERS_INDEX).is_file()
+    assert (ck.split_by_layer(tiny, empty, progress=False) / tensorfiles.LAYERS_INDEX).is_file()
 
 
 def test_split_is_atomic(tiny, tmp_path, monkeypatch):
-    import safetensors.torch as st
-
     calls = []
 
-    def failing_save(tensors, filename, metadata=None):
-        calls.append(filename)
+    def failing_write(path, *args, **kwargs):
+        calls.append(path)
         if len(calls) == 3:
             raise OSError("disk full (simulated)")
-        return real(tensors, filename, metadata=metadata)
+        return real(path, *args, **kwargs)
 
-    real = st.save_file
-    monkeypatch.setattr(st, "save_file", failing_save)
+    real = tensorfiles.write_safetensors
+    monkeypatch.setattr(tensorfiles, "write_safetensors", failing_write)
     with pytest.raises(OSError, match="simulated"):
         ck.split_by_layer(tiny, tmp_path / "layers", progress=False)
     assert list(tmp_path.iterdir()) == []  # neither out_dir nor its temp dir
@@ -382,7 +370,7 @@ def test_split_peak_ram_is_about_one_block(tmp_path):
     ck.split_by_layer(src, tmp_path / "warmup", progress=False)  # imports, allocator arenas
     with measure() as m:
         out = ck.split_by_layer(src, tmp_path / "layers", progress=False)
-    sizes = json.loads((out / ck.LAYERS_INDEX).read_text())["bytes"]
+    sizes = read_layer_index(out).bytes
     largest, total = max(sizes.values()), sum(sizes.values())
     assert total > 8 * largest  # the model is much bigger than one block...
     assert m.cpu_peak_bytes < largest + 6 * 2**20, (m.cpu_peak_bytes, largest)  # ...the peak is not
@@ -391,13 +379,13 @@ def test_split_peak_ram_is_about_one_block(tmp_path):
 def test_split_book_model(tmp_path):
     src = book_model_dir()
     out = ck.split_by_layer(src, tmp_path / "layers", progress=False)
-    index = json.loads((out / ck.LAYERS_INDEX).read_text())
-    assert len(index["blocks"]) == 30 + 3 and index["tied"] == {"lm_head.weight": "model.embed_tokens.weight"}
-    assert index["total_size"] == json.loads((src / ck.INDEX).read_text())["metadata"]["total_size"]
+    index = read_layer_index(out)
+    assert len(index.blocks) == 30 + 3 and index.tied == {"lm_head.weight": "model.embed_tokens.weight"}
+    assert sum(index.bytes.values()) == json.loads((src / INDEX).read_text())["metadata"]["total_size"]
     for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
         assert (out / name).read_bytes() == (src / name).read_bytes()
     original = state_dict(src)
-    for block, file in index["files"].items():
+    for block, file in index.files.items():
         for k, t in load_file(out / file).items():
             assert torch.equal(t, original.pop(k)), k
     assert original == {}

@@ -123,7 +123,7 @@ def test_foreign_files_are_never_overwritten_or_deleted(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     save_file({"x": torch.ones(3)}, tmp_path / "lm_head.safetensors")  # same name, not ours
     foreign = (tmp_path / "lm_head.safetensors").read_bytes()
-    with pytest.raises(ValueError, match="was not written by helpers.dispatch"):
+    with pytest.raises(ValueError, match="was not written by helpers"):
         dispatch(tiny_llama(), mixed_map(4, "d"), offload_dir=tmp_path)
     assert (tmp_path / "lm_head.safetensors").read_bytes() == foreign
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lm_head.safetensors", "notes.txt"]
@@ -137,19 +137,20 @@ def test_foreign_files_are_never_overwritten_or_deleted(tmp_path):
 def test_offload_files_are_atomic_and_memory_mappable(tmp_path, monkeypatch):
     model = tiny_llama()
     expected = model.model.layers[2].mlp.up_proj.weight.detach().clone()
-    import safetensors.torch as st
+    from helpers import tensorfiles
 
-    real_save = st.save_file
+    real_write = tensorfiles.write_safetensors
 
-    def half_then_crash(tensors, path, metadata=None):
-        Path(path).write_bytes(b"half a file")
-        raise OSError("disk full")
+    def half_then_crash(path, *args, **kwargs):
+        with tensorfiles.atomic_file(path) as tmp:
+            tmp.write_bytes(b"half a file")
+            raise OSError("disk full")
 
-    monkeypatch.setattr(st, "save_file", half_then_crash)
+    monkeypatch.setattr(tensorfiles, "write_safetensors", half_then_crash)
     with pytest.raises(OSError, match="disk full"):
         dispatch(model, mixed_map(4, "d"), offload_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []  # neither a half file nor a temporary one is left
-    monkeypatch.setattr(st, "save_file", real_save)
+    monkeypatch.setattr(tensorfiles, "write_safetensors", real_write)
     model = tiny_llama()
     dispatch(model, mixed_map(4, "d"), offload_dir=tmp_path)
     with safe_open(tmp_path / "model.layers.2.safetensors", framework="pt") as f:  # mmap-backed reader
@@ -183,16 +184,3 @@ def test_dispatch_twice_and_undispatch_unknown_are_errors(tmp_path):
     assert not os.listdir(tmp_path)
 
 
-def test_read_file_matches_safetensors_and_reuses_the_buffer(tmp_path):
-    from safetensors.torch import load_file
-
-    path = tmp_path / "w.safetensors"
-    save_file({"a": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.int64), "c": torch.randn(4).half()}, path)
-    big = torch.empty(path.stat().st_size, dtype=torch.uint8)
-    ours, used = hd._read_file(path, big)
-    assert used is big  # big enough: read into it, no new allocation
-    theirs = load_file(path)
-    assert ours.keys() == theirs.keys()
-    assert all(ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]) for k in ours)
-    _, fresh = hd._read_file(path, torch.empty(1, dtype=torch.uint8))
-    assert fresh.numel() > 1  # too small: a new buffer

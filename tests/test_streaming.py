@@ -7,8 +7,9 @@ import torch
 
 from helpers.checkpoints import split_by_layer
 from helpers.models import book_model_dir, load_book_model
-from helpers.dispatch import drop_page_cache
-from helpers.streaming import LayerStreamer, map_safetensors, predicted_peak_bytes
+from helpers.tensorfiles import drop_page_cache
+from helpers.streaming import LayerStreamer, predicted_peak_bytes
+from helpers.tensorfiles import map_safetensors
 
 
 @pytest.fixture(scope="module")
