@@ -49,7 +49,17 @@ def test_measure_reads_a_512_mib_tensor_within_2_percent():
         del x
     assert m.cpu_peak_bytes == pytest.approx(512 * MiB, rel=0.02), format_size(m.cpu_peak_bytes)
     assert m.seconds > 0
-    assert m.cuda_peak_bytes is None or m.cuda_peak_bytes >= 0
+    assert m.cuda_peak_bytes == (0 if torch.cuda.is_available() else None)  # nothing on the GPU; no GPU, no number
+
+
+@pytest.mark.cuda
+def test_measure_reads_a_512_mib_cuda_tensor_exactly():
+    import torch
+
+    with measure() as m:
+        x = torch.empty(512 * MiB, dtype=torch.uint8, device="cuda")
+        del x
+    assert m.cuda_peak_bytes == 512 * MiB, format_size(m.cuda_peak_bytes)
 
 
 def test_measure_sees_nothing_for_untouched_or_meta_memory():
@@ -73,13 +83,9 @@ print(m.method, m.cpu_peak_bytes)
 """
 
 
-def test_measure_sampling_fallback():
+def test_measure_sampling_fallback(run_python):
     """In a fresh process, so that no thread left over from another test frees memory during the block."""
-    import subprocess
-    import sys
-
-    method, peak = subprocess.run([sys.executable, "-c", _SAMPLING], capture_output=True, text=True,
-                                  check=True).stdout.split()
+    method, peak = run_python(_SAMPLING).split()
     assert method == "sampling"
     assert int(peak) == pytest.approx(256 * MiB, rel=0.05)
 
@@ -110,12 +116,9 @@ print(max(kept[1:]))
 
 
 @pytest.mark.parametrize("mode", ["default", "release"])
-def test_release_on_free_returns_freed_tensors_at_once(mode):
+def test_release_on_free_returns_freed_tensors_at_once(run_python, mode):
     """In a fresh process: by default glibc keeps a freed 8 MiB tensor for reuse; after release_on_free() it does not."""
-    import subprocess
-    import sys
-
-    out = subprocess.run([sys.executable, "-c", _FREE_LOOP, mode], capture_output=True, text=True, check=True).stdout
+    out = run_python(_FREE_LOOP, mode)
     if out.strip() == "not glibc":
         pytest.skip("the C library is not glibc")
     kept = int(out)
