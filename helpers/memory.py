@@ -190,12 +190,16 @@ class measure:
 
     ``flush_first=True`` (the default) collects garbage before the block starts so
     memory freed by earlier cells does not hide the block's own cost.
-    ``sample_interval`` is used only where the kernel's peak counter is unavailable.
+    ``method``: ``"auto"`` uses the kernel's resettable peak counter (``VmHWM``, Linux) when there is one and
+    otherwise samples RSS every ``sample_interval`` seconds in a thread; ``"sampling"`` always samples.
     """
 
-    def __init__(self, flush_first: bool = True, sample_interval: float = 0.001):
+    def __init__(self, flush_first: bool = True, sample_interval: float = 0.001, method: str = "auto"):
         if not sample_interval > 0:
             raise ValueError(f"sample_interval {sample_interval!r} must be > 0 seconds")
+        if method not in ("auto", "sampling"):
+            raise ValueError(f"method {method!r} must be 'auto' or 'sampling'")
+        self.method = method
         self.flush_first = flush_first
         self.sample_interval = sample_interval
         self.result = Measurement()
@@ -206,7 +210,7 @@ class measure:
         if self.flush_first:
             flush()
         m = self.result
-        m.method = "VmHWM" if _reset_hwm() else "sampling"
+        m.method = "VmHWM" if self.method == "auto" and _reset_hwm() else "sampling"
         m.cpu_start_bytes = rss_bytes()
         if m.method == "sampling":
             m._samples.append(m.cpu_start_bytes)

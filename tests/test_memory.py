@@ -74,8 +74,7 @@ _SAMPLING = """
 import time
 import numpy as np
 import helpers.memory as memory
-memory._reset_hwm = lambda: False  # as where the kernel has no resettable high-water mark
-with memory.measure(sample_interval=0.0005) as m:
+with memory.measure(sample_interval=0.0005, method="sampling") as m:  # as where there is no VmHWM
     x = np.ones(256 * 2**20 // 8)
     time.sleep(0.05)  # give the sampler time to see it
     del x
@@ -90,9 +89,11 @@ def test_measure_sampling_fallback(run_python):
     assert int(peak) == pytest.approx(256 * MiB, rel=0.05)
 
 
-def test_measure_rejects_bad_interval():
-    with pytest.raises(ValueError, match="0"):
+def test_measure_rejects_bad_interval_and_method():
+    with pytest.raises(ValueError, match="sample_interval 0 must be > 0 seconds"):
         measure(sample_interval=0)
+    with pytest.raises(ValueError, match="method 'VmHWM' must be 'auto' or 'sampling'"):
+        measure(method="VmHWM")
 
 
 def test_flush_and_rss():
