@@ -5,6 +5,8 @@ One module per chapter; each public function's docstring names the chapter that 
 * ``helpers.memory``      – memory probes and size strings (chapter 00)
 * ``helpers.models``      – the book model, offline, and synthetic Llama checkpoints (chapter 00)
 * ``helpers.environment`` – what machine the numbers came from, and every chapter's version check (chapter 00)
+* ``helpers.show``        – every chapter's way of showing source code (chapter 00)
+* ``helpers.tensorfiles`` – safetensors files read and written, atomic publishing, cache keys (the ground floor)
 * ``helpers.meta``        – counting and inspecting models on the meta device (chapter 01)
 * ``helpers.arithmetic``  – memory arithmetic: parameters, weights, KV cache, activations (chapter 02)
 * ``helpers.checkpoints`` – safetensors by hand, inspection, validation, per-layer split (chapter 03)

@@ -20,9 +20,10 @@ from typing import Iterable, Optional, Union
 import torch
 
 from .memory import format_size, parse_size
+from .meta import parse_dtype
 
 __all__ = [
-    "DATA_DIR", "CUDA_CONTEXT_BYTES", "known_models", "known_config", "count_parameters",
+    "DATA_DIR", "CUDA_CONTEXT_BYTES", "FORMATS", "known_models", "known_config", "meta_model",
     "bytes_per_param", "weight_bytes", "block_bytes", "kv_cache_bytes", "activation_bytes",
     "Ledger", "estimate", "feasibility",
 ]
@@ -32,9 +33,10 @@ DATA_DIR = Path(__file__).with_name("data")
 # the seeds quote 1-2 GB; with lazy module loading (CUDA >= 11.7) it is nearer 0.5 GB. We plan
 # with 1 GiB. It is *not* in torch.cuda.max_memory_allocated(); nvidia-smi shows it.
 CUDA_CONTEXT_BYTES = 2**30
-FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-QUANT_DTYPES = ("int8", "nf4", "fp4")
-DTYPES = tuple(FLOAT_DTYPES) + QUANT_DTYPES
+# Storage formats a weight can be planned in: floats by the short names parse_dtype reads, and bitsandbytes' formats.
+FLOAT_FORMATS = ("fp32", "bf16", "fp16")
+QUANT_FORMATS = ("int8", "nf4", "fp4")
+FORMATS = FLOAT_FORMATS + QUANT_FORMATS
 BNB_4BIT_BLOCKSIZE = 64      # bitsandbytes: one absmax per 64 weights
 BNB_NESTED_BLOCKSIZE = 256   # double quantization: absmaxes quantized to 8 bit in blocks of 256
 INT8_ROW_ASSUMED = 4096      # bytes_per_param("int8"): rows of 4096 inputs share one fp32 scale
@@ -78,35 +80,33 @@ def _meta_model_cached(config_json: str, model_type: str):
 
 
 def meta_model(config):
-    """The causal-LM model for ``config`` built on the meta device (cached; do not modify). Built in chapter 02."""
+    """The causal-LM model for ``config`` built on the meta device (cached; do not modify). Built in chapter 02.
+
+    Its exact parameter count is chapter 01's ``count_parameters(meta_model(config))``, tied weights counted once.
+    """
     _check_config(config)
     return _meta_model_cached(config.to_json_string(use_diff=False), config.model_type)
 
 
-def count_parameters(config) -> int:
-    """Exact number of parameters of ``config``'s model, tied weights counted once. Built in chapter 02."""
-    return sum(p.numel() for p in meta_model(config).parameters())  # parameters() skips duplicates
-
-
 # --------------------------------------------------------------------------- bytes per parameter
 
-def _dtype_name(dtype) -> str:
-    if isinstance(dtype, torch.dtype):
-        for name, value in FLOAT_DTYPES.items():
-            if value == dtype:
-                return name
-    elif isinstance(dtype, str):
-        name = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(dtype.lower(), dtype.lower())
-        if name in DTYPES:
-            return name
-    raise ValueError(f"dtype {dtype!r} is not supported; expected one of {', '.join(DTYPES)} "
-                     "(or torch.float32 / torch.bfloat16 / torch.float16)")
+def _format(dtype) -> str:
+    """The format name of ``dtype``: one of ``QUANT_FORMATS``, or the one of ``FLOAT_FORMATS`` that names the same
+    torch dtype (``meta.parse_dtype`` reads torch.float16, "float16", "torch.float16" and "fp16" alike)."""
+    if isinstance(dtype, str) and dtype.lower() in QUANT_FORMATS:
+        return dtype.lower()
+    floats = {parse_dtype(name): name for name in FLOAT_FORMATS}
+    try:
+        return floats[parse_dtype(dtype)]
+    except (ValueError, KeyError):
+        raise ValueError(f"dtype {dtype!r} is not supported; expected one of {', '.join(FORMATS)} "
+                         "(or torch.float32 / torch.bfloat16 / torch.float16)") from None
 
 
-def _float_name(dtype, what: str) -> str:
-    name = _dtype_name(dtype)
-    if name not in FLOAT_DTYPES:
-        raise ValueError(f"{what} dtype {dtype!r} must be a float type ({', '.join(FLOAT_DTYPES)}); "
+def _float_format(dtype, what: str) -> str:
+    name = _format(dtype)
+    if name not in FLOAT_FORMATS:
+        raise ValueError(f"{what} dtype {dtype!r} must be a float format ({', '.join(FLOAT_FORMATS)}); "
                          f"quantized weights compute and cache in fp16/bf16")
     return name
 
@@ -120,9 +120,9 @@ def bytes_per_param(dtype, *, double_quant: bool = False, row_size: int = INT8_R
     * nf4/fp4 (bitsandbytes ``Params4bit``): 0.5 byte + one fp32 absmax per block of 64 weights;
       with ``double_quant=True`` the absmaxes are stored as 8 bit, plus one fp32 scale per 256 blocks.
     """
-    name = _dtype_name(dtype)
-    if name in FLOAT_DTYPES:
-        return float(torch.empty((), dtype=FLOAT_DTYPES[name]).element_size())
+    name = _format(dtype)
+    if name in FLOAT_FORMATS:
+        return float(parse_dtype(name).itemsize)
     if name == "int8":
         if not isinstance(row_size, int) or row_size <= 0:
             raise ValueError(f"row_size {row_size!r} must be a positive int")
@@ -154,9 +154,9 @@ def _is_quantizable(module) -> bool:
 def _param_bytes(config, dtype, skip_modules: Iterable[str], compute_dtype, double_quant: bool,
                  ) -> list[tuple[str, int]]:
     """``(parameter name, bytes)`` for every unique parameter, in registration order."""
-    name = _dtype_name(dtype)
-    compute = FLOAT_DTYPES[_float_name(compute_dtype, "compute")] if name in QUANT_DTYPES else FLOAT_DTYPES[name]
-    elem = torch.empty((), dtype=compute).element_size()
+    name = _format(dtype)
+    stored_as = _float_format(compute_dtype, "compute") if name in QUANT_FORMATS else name  # what is not quantized
+    elem = parse_dtype(stored_as).itemsize
     model = meta_model(config)
     skip = tuple(skip_modules)
     out, seen = [], set()
@@ -165,7 +165,7 @@ def _param_bytes(config, dtype, skip_modules: Iterable[str], compute_dtype, doub
             if id(param) in seen:
                 continue
             seen.add(id(param))
-            quantize = (name in QUANT_DTYPES and _is_quantizable(module) and p_name.endswith(".weight")
+            quantize = (name in QUANT_FORMATS and _is_quantizable(module) and p_name.endswith(".weight")
                         and not any(mod_name == s or mod_name.startswith(s + ".") or mod_name.endswith("." + s)
                                     for s in skip))
             if quantize:
@@ -252,7 +252,7 @@ def kv_cache_bytes(config, batch_size: int, seq_len: int, dtype) -> int:
     element size (GQA/MQA through ``num_key_value_heads``). Built in chapter 02."""
     _check_config(config)
     _check_positive(batch_size=batch_size, seq_len=seq_len)
-    elem = int(bytes_per_param(_float_name(dtype, "KV cache")))
+    elem = int(bytes_per_param(_float_format(dtype, "KV cache")))
     layers, _, kv_heads, head_dim = _attention_shape(config)
     return 2 * layers * batch_size * seq_len * kv_heads * head_dim * elem
 
@@ -271,7 +271,7 @@ def activation_bytes(config, batch_size: int, seq_len: int, dtype) -> int:
     """
     _check_config(config)
     _check_positive(batch_size=batch_size, seq_len=seq_len)
-    elem = int(bytes_per_param(_float_name(dtype, "activation")))
+    elem = int(bytes_per_param(_float_format(dtype, "activation")))
     tokens = batch_size * seq_len
     hidden = config.hidden_size
     inter = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
@@ -352,16 +352,16 @@ def estimate(config, dtype, batch_size: int = 1, seq_len: int = 512, *, device: 
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device {device!r} must be 'cpu' or 'cuda'")
     _check_positive(batch_size=batch_size, seq_len=seq_len)
-    name = _dtype_name(dtype)
-    run_dtype = name if name in FLOAT_DTYPES else weight_kwargs.get("compute_dtype", "fp16")
+    name = _format(dtype)
+    run_dtype = name if name in FLOAT_FORMATS else weight_kwargs.get("compute_dtype", "fp16")
     weights = weight_bytes(config, name, **weight_kwargs)
     kv = kv_cache_bytes(config, batch_size, seq_len, run_dtype)
     act = activation_bytes(config, batch_size, seq_len, run_dtype)
     if device == "cuda":
         overhead = CUDA_CONTEXT_BYTES
-    elif checkpoint_dtype is None or name in QUANT_DTYPES:
+    elif checkpoint_dtype is None or name in QUANT_FORMATS:
         overhead = 0
-    elif _dtype_name(checkpoint_dtype) == name:  # zero copy: untouched embedding rows stay on disk
+    elif _format(checkpoint_dtype) == name:  # zero copy: untouched embedding rows stay on disk
         overhead = 0
         table = _input_embedding_bytes(config, name)
         if table:

@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from .memory import parse_size
+from .meta import is_inside, parse_dtype, tied_parameters
 
-__all__ = ["STRATEGIES", "plan_device_map", "validate_device_map", "module_sizes", "tied_parameters",
-           "balanced_memory", "clean_device_map", "device_bytes"]
+__all__ = ["STRATEGIES", "plan_device_map", "validate_device_map", "module_sizes", "balanced_memory",
+           "fill_devices", "clean_device_map", "device_bytes"]
 
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 Device = Union[int, str]
@@ -41,15 +42,6 @@ def _check_max_memory(max_memory: Mapping) -> dict[Device, int]:
     return {key: budgets[key] for key in gpus + [k for k in ("cpu", "disk") if k in budgets]}
 
 
-def _check_dtype(dtype) -> Optional[torch.dtype]:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    name = dtype.replace("torch.", "") if isinstance(dtype, str) else None
-    if name is None or not isinstance(getattr(torch, name, None), torch.dtype):
-        raise ValueError(f"dtype {dtype!r} is not a torch dtype; expected e.g. torch.float16 or 'bfloat16'")
-    return getattr(torch, name)
-
-
 def _check_classes(no_split_module_classes) -> list[str]:
     if no_split_module_classes is None:
         return []
@@ -69,7 +61,7 @@ def _bytes_per_element(dtype: torch.dtype) -> float:
 
 def module_sizes(model: nn.Module, dtype=None) -> dict[str, int]:
     """Bytes of every tensor and module ("" is the whole model), a shared tensor once. Built in chapter 04."""
-    dtype = _check_dtype(dtype)
+    dtype = None if dtype is None else parse_dtype(dtype)
     sizes: dict[str, int] = {"": 0}
     tensors = list(model.named_parameters()) + list(model.named_buffers())
     for name, tensor in tensors:
@@ -83,18 +75,10 @@ def module_sizes(model: nn.Module, dtype=None) -> dict[str, int]:
     return sizes
 
 
-def tied_parameters(model: nn.Module) -> list[list[str]]:
-    """Groups of parameter names that share one tensor, e.g. [['lm_head.weight', ...]]. Built in chapter 04."""
-    names_of: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        names_of.setdefault(id(param), []).append(name)
-    return [sorted(names) for names in names_of.values() if len(names) > 1]
-
-
-def _inside(param: str, name: str) -> bool:
-    # accelerate tests "is param inside module name" with a substring, not a prefix: "1." is found in
-    # "0.1.weight." too. We copy the test so both planners agree (chapter 04 shows such a case).
-    return f"{name}." in f"{param}."
+def _accelerate_inside(param: str, module: str) -> bool:
+    # accelerate tests "is a tied param inside this module" with a substring, not a prefix (meta.is_inside):
+    # "1." is found in "0.1.weight." too. We copy the test so both planners agree (chapter 04 says so).
+    return f"{module}." in f"{param}."
 
 
 def _splittable(entry: object, no_split: list[str]) -> bool:
@@ -181,16 +165,18 @@ def plan_device_map(model: nn.Module, max_memory: Mapping, *, no_split_module_cl
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy {strategy!r} is not one of {STRATEGIES}")
     budgets, no_split = _check_max_memory(max_memory), _check_classes(no_split_module_classes)
-    dtype = _check_dtype(dtype)
+    dtype = None if dtype is None else parse_dtype(dtype)
     if strategy == "balanced_low_0":
         _check_low_zero(budgets)
     if strategy != "sequential":
         budgets = balanced_memory(model, budgets, no_split, dtype, low_zero=strategy == "balanced_low_0")
-    return _fill_devices(model, budgets, no_split, dtype)
+    return fill_devices(model, budgets, no_split, dtype)
 
 
-def _fill_devices(model: nn.Module, budgets: dict[Device, int], no_split: list[str], dtype) -> dict[str, Device]:
-    """Walk the modules in order; put each on the current device if it fits, else split it or move on."""
+def fill_devices(model: nn.Module, max_memory: Mapping, no_split_module_classes=None, dtype=None) -> dict[str, Device]:
+    """The sequential fill (accelerate's ``infer_auto_device_map``): walk the modules in order and put each on
+    the current device if it fits, else split it or move on to the next device. Built in chapter 04."""
+    budgets, no_split = _check_max_memory(max_memory), _check_classes(no_split_module_classes)
     sizes, ties = module_sizes(model, dtype), tied_parameters(model)
     devices = list(budgets) + ([] if "disk" in budgets else ["disk"])
     gpus = [d for d in devices if isinstance(d, int)]
@@ -206,13 +192,15 @@ def _fill_devices(model: nn.Module, budgets: dict[Device, int], no_split: list[s
 
     while todo:
         name, module = todo.pop(0)
-        largest_names = [n for n in largest_names if n != name and not n.startswith(name + ".")]
+        largest_names = [n for n in largest_names if not is_inside(n, name)]
         if not largest_names:
             largest, largest_names = _largest_layer(modules_left(), sizes, no_split)
         size = sizes.get(name, 0)
-        # Parameters tied to one inside this module but living outside it must come along.
-        groups = [g for g in ties if any(_inside(p, name) for p in g) and not all(_inside(p, name) for p in g)]
-        outside = [p for g in groups for p in g if not _inside(p, name)]
+        # Parameters tied to one inside this module but living outside it must come along. "Inside" is
+        # accelerate's substring test here, not is_inside's prefix test: the maps must agree.
+        groups = [g for g in ties
+                  if any(_accelerate_inside(p, name) for p in g) and not all(_accelerate_inside(p, name) for p in g)]
+        outside = [p for g in groups for p in g if not _accelerate_inside(p, name)]
         # Deliberate difference: accelerate raises IndexError when a tied parameter's module was
         # already placed (two tie groups into one container); we skip it, it already has a device.
         found = [(p, next((e for e in todo if p.startswith(e[0] + ".")), None)) for p in outside]
@@ -268,7 +256,7 @@ def clean_device_map(device_map: Mapping[str, Device]) -> dict[str, Device]:
     merge("")
     # Keep the model's order: a merged key sits where its first piece was.
     order = list(device_map)
-    first = {k: min(i for i, o in enumerate(order) if o == k or o.startswith(k + ".") or k == "") for k in merged}
+    first = {k: min(i for i, o in enumerate(order) if is_inside(o, k)) for k in merged}
     return {k: merged[k] for k in sorted(merged, key=first.__getitem__)}
 
 
@@ -307,17 +295,13 @@ def validate_device_map(model: nn.Module, device_map: Mapping[str, Device], *,
             problems.append(f"key {key!r} has unknown device {device!r} "
                             "(expected a GPU index, 'cpu', 'disk' or e.g. 'cuda:0')")
     keys = [k for k in device_map if isinstance(k, str)]
-
-    def covers(key: str, name: str) -> bool:
-        return key == "" or name == key or name.startswith(key + ".")
-
     for i, a in enumerate(keys):
         for b in keys[i + 1:]:
-            if covers(a, b) or covers(b, a):
+            if is_inside(b, a) or is_inside(a, b):
                 problems.append(f"keys {a!r} and {b!r} overlap (one contains the other)")
 
     def device_of(name: str):
-        owners = [k for k in keys if covers(k, name)]
+        owners = [k for k in keys if is_inside(name, k)]
         return device_map[max(owners, key=len)] if owners else None
 
     missing = [n for n in tensors if device_of(n) is None]
@@ -343,7 +327,7 @@ def device_bytes(model: nn.Module, device_map: Mapping[str, Device], dtype=None)
     sizes, totals = module_sizes(model, dtype), {}
     names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
     for name in names:
-        owners = [k for k in device_map if k == "" or name == k or name.startswith(k + ".")]
+        owners = [k for k in device_map if is_inside(name, k)]
         device = device_map[max(owners, key=len)] if owners else None
         totals[device] = totals.get(device, 0) + sizes[name]
     return totals

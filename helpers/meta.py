@@ -17,8 +17,10 @@ import torch
 from torch import nn
 from torch.nn.modules.module import register_module_parameter_registration_hook
 
-__all__ = ["count_parameters", "parameter_bytes", "tied_parameters", "tensor_devices",
+__all__ = ["count_parameters", "parameter_bytes", "tied_parameters", "tensor_devices", "is_inside", "parse_dtype",
            "Registration", "record_parameter_registrations"]
+
+_SHORT_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _check_module(model: object) -> nn.Module:
@@ -54,6 +56,30 @@ def tensor_devices(model: nn.Module, *, buffers: bool = True) -> dict[str, int]:
     if buffers:
         tensors += [b for _, b in model.named_buffers()]
     return dict(sorted(Counter(t.device.type for t in tensors).items()))
+
+
+def is_inside(name: str, module: str) -> bool:
+    """Whether ``name`` (a parameter, buffer or module) is ``module`` or lies inside it; ``""`` is the whole model.
+
+    A prefix test on whole names: "layers.1.mlp" is inside "layers.1", "layers.10" is not. Built in chapter 01.
+    """
+    return module == "" or name == module or name.startswith(module + ".")
+
+
+def parse_dtype(value) -> torch.dtype:
+    """A torch dtype from itself, its name ("float16", "torch.float16") or a short name ("fp32", "bf16", "fp16").
+
+    Built in chapter 01; every helper that takes a ``dtype`` reads it with this.
+    """
+    if isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str):
+        name = value.lower().removeprefix("torch.")
+        dtype = _SHORT_NAMES.get(name, getattr(torch, name, None))
+        if isinstance(dtype, torch.dtype):
+            return dtype
+    raise ValueError(f"dtype {value!r} is not a torch dtype; expected a torch.dtype, a name such as 'float16' or "
+                     f"'torch.bfloat16', or one of {', '.join(map(repr, _SHORT_NAMES))}")
 
 
 @dataclass(frozen=True)

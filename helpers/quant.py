@@ -18,11 +18,11 @@ from typing import Optional
 
 import torch
 
-__all__ = ["nf4_levels", "fp4_levels", "dynamic_map", "RowwiseInt8", "quantize_int8", "int8_matmul",
-           "Blockwise4bit", "quantize_4bit", "BLOCKSIZE", "NESTED_BLOCKSIZE"]
+from .arithmetic import BNB_4BIT_BLOCKSIZE, BNB_NESTED_BLOCKSIZE  # 64 weights per absmax; 256 absmaxes per scale
 
-BLOCKSIZE = 64          # weights per absmax in bitsandbytes' 4-bit formats
-NESTED_BLOCKSIZE = 256  # absmaxes per second-level scale in double quantization
+__all__ = ["nf4_levels", "fp4_levels", "dynamic_map", "RowwiseInt8", "quantize_int8", "int8_matmul",
+           "quantize_blocks", "dequantize_blocks", "Blockwise4bit", "quantize_4bit"]
+
 NF4_OFFSET = 0.9677083  # the outermost quantile QLoRA uses (about 1.85 standard deviations)
 
 
@@ -115,8 +115,10 @@ def int8_matmul(x: torch.Tensor, w: RowwiseInt8, threshold: float = 0.0) -> torc
 
 # --------------------------------------------------------------------------- 4-bit, block-wise
 
-def _quantize_blocks(x: torch.Tensor, blocksize: int, levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes (index of the nearest level; padded to whole blocks) and the absmax of each block."""
+def quantize_blocks(x: torch.Tensor, blocksize: int, levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-wise quantization onto a code book: cut ``x`` into blocks of ``blocksize`` (the last padded with
+    zeros), divide each by its absmax, and keep the index of the nearest of ``levels``. Returns the codes (uint8,
+    padding included) and the absmax of each block. Built in chapter 06."""
     flat = x.reshape(-1).float()
     pad = -flat.numel() % blocksize  # zeros do not change a block's absmax
     blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, blocksize)
@@ -126,8 +128,9 @@ def _quantize_blocks(x: torch.Tensor, blocksize: int, levels: torch.Tensor) -> t
     return torch.bucketize(scaled, midpoints).to(torch.uint8).reshape(-1), absmax
 
 
-def _dequantize_blocks(codes: torch.Tensor, absmax: torch.Tensor, blocksize: int,
-                       levels: torch.Tensor) -> torch.Tensor:
+def dequantize_blocks(codes: torch.Tensor, absmax: torch.Tensor, blocksize: int,
+                      levels: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``quantize_blocks``: ``levels[code]`` times its block's absmax. Built in chapter 06."""
     values = levels[codes.long()]
     pad = -values.numel() % blocksize
     blocks = torch.nn.functional.pad(values, (0, pad)).view(-1, blocksize) * absmax.unsqueeze(1)
@@ -144,21 +147,21 @@ class Blockwise4bit:
     dtype: torch.dtype
     quant_type: str
     blocksize: int
-    nested_absmax: Optional[torch.Tensor] = None  # float32 per NESTED_BLOCKSIZE block scales
+    nested_absmax: Optional[torch.Tensor] = None  # float32 per BNB_NESTED_BLOCKSIZE block scales
     offset: Optional[torch.Tensor] = None          # the mean subtracted before nesting
 
     def block_scales(self) -> torch.Tensor:
         """The float32 absmax of every block (decoded first if double-quantized)."""
         if self.nested_absmax is None:
             return self.absmax
-        return _dequantize_blocks(self.absmax, self.nested_absmax, NESTED_BLOCKSIZE, dynamic_map()) + self.offset
+        return dequantize_blocks(self.absmax, self.nested_absmax, BNB_NESTED_BLOCKSIZE, dynamic_map()) + self.offset
 
     def dequantize(self) -> torch.Tensor:
         """Back to floating point: level[code] * block absmax."""
         n = self.shape.numel()
         codes = torch.stack([self.packed >> 4, self.packed & 0xF], dim=1).reshape(-1)[:n]
         levels = nf4_levels() if self.quant_type == "nf4" else fp4_levels()
-        return _dequantize_blocks(codes, self.block_scales(), self.blocksize, levels).reshape(self.shape).to(self.dtype)
+        return dequantize_blocks(codes, self.block_scales(), self.blocksize, levels).reshape(self.shape).to(self.dtype)
 
     @property
     def nbytes(self) -> int:
@@ -170,7 +173,7 @@ class Blockwise4bit:
         return self.nbytes / self.shape.numel()
 
 
-def quantize_4bit(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = BLOCKSIZE,
+def quantize_4bit(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = BNB_4BIT_BLOCKSIZE,
                   double_quant: bool = False) -> Blockwise4bit:
     """Block-wise 4-bit quantization (``quant_type`` "nf4" or "fp4"), as bitsandbytes stores
     ``Params4bit``; ``double_quant=True`` quantizes the block absmaxes to 8 bits too. Built in chapter 06."""
@@ -180,13 +183,13 @@ def quantize_4bit(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = BLO
     if not isinstance(blocksize, int) or blocksize < 2 or blocksize % 2:
         raise ValueError(f"blocksize {blocksize!r} must be an even int >= 2 (bitsandbytes uses 64)")
     levels = nf4_levels() if quant_type == "nf4" else fp4_levels()
-    codes, absmax = _quantize_blocks(w, blocksize, levels)
+    codes, absmax = quantize_blocks(w, blocksize, levels)
     codes = codes[: w.numel() + w.numel() % 2]  # an odd count ends with the code of a padding 0
     packed = (codes[0::2] << 4) | codes[1::2]
     q = Blockwise4bit(packed=packed, absmax=absmax, shape=w.shape, dtype=w.dtype,
                       quant_type=quant_type, blocksize=blocksize)
     if double_quant:  # centre the scales, then quantize them like any other tensor, in blocks of 256
         q.offset = absmax.mean()
-        nested_codes, q.nested_absmax = _quantize_blocks(absmax - q.offset, NESTED_BLOCKSIZE, dynamic_map())
+        nested_codes, q.nested_absmax = quantize_blocks(absmax - q.offset, BNB_NESTED_BLOCKSIZE, dynamic_map())
         q.absmax = nested_codes[: absmax.numel()]
     return q

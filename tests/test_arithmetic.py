@@ -7,7 +7,12 @@ import pytest
 import torch
 
 from helpers import arithmetic as ar
-from helpers.models import book_model_dir
+from helpers.meta import count_parameters
+
+
+def n_params(config) -> int:
+    """A config's exact parameter count: chapter 01's count_parameters of chapter 02's meta model."""
+    return count_parameters(ar.meta_model(config))
 
 
 @pytest.fixture(scope="module")
@@ -20,13 +25,10 @@ def book():
     return ar.known_config("smollm2-135m")
 
 
-def tiny_llama(**overrides):
-    from transformers import LlamaConfig
-
-    fields = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=24, vocab_size=101, tie_word_embeddings=False)
-    fields.update(overrides)
-    return LlamaConfig(**fields)
+@pytest.fixture
+def tiny_llama(tiny_llama_config):
+    """conftest's tiny Llama with a head_dim that is not hidden_size / heads, and an odd vocabulary."""
+    return lambda **overrides: tiny_llama_config(**{"head_dim": 24, "vocab_size": 101, **overrides})
 
 
 # --------------------------------------------------------------------------- configs and counts
@@ -43,8 +45,8 @@ def test_unknown_model_lists_known_names():
     assert "llama-3-8b" in str(err.value)
 
 
-def test_book_config_matches_book_model(book):
-    on_disk = json.loads((book_model_dir() / "config.json").read_text())
+def test_book_config_matches_book_model(book, book_dir):
+    on_disk = json.loads((book_dir / "config.json").read_text())
     ours = book.to_dict()
     for key, value in on_disk.items():
         if key in ("transformers_version", "_name_or_path", "_model_name_or_path"):
@@ -53,30 +55,30 @@ def test_book_config_matches_book_model(book):
 
 
 def test_exact_llama_counts(llama7b):
-    assert ar.count_parameters(ar.known_config("llama-2-70b")) == 68_976_648_192
-    assert ar.count_parameters(llama7b) == 6_738_415_616
+    assert n_params(ar.known_config("llama-2-70b")) == 68_976_648_192
+    assert n_params(llama7b) == 6_738_415_616
 
 
-def test_tied_embeddings_counted_once(book):
+def test_tied_embeddings_counted_once(book, book_dir):
     # the checkpoint stores every tensor once, in fp16: its total_size is 2 bytes per parameter
-    index = json.loads((book_model_dir() / "model.safetensors.index.json").read_text())
-    assert ar.count_parameters(book) * 2 == index["metadata"]["total_size"]
+    index = json.loads((book_dir / "model.safetensors.index.json").read_text())
+    assert n_params(book) * 2 == index["metadata"]["total_size"]
     untied = ar.known_config("smollm2-135m")
     untied.tie_word_embeddings = False
-    assert ar.count_parameters(untied) == ar.count_parameters(book) + 49152 * 576
+    assert n_params(untied) == n_params(book) + 49152 * 576
 
 
-def test_count_matches_a_real_model():
+def test_count_matches_a_real_model(tiny_llama):
     from transformers import AutoModelForCausalLM
 
     config = tiny_llama()
     model = AutoModelForCausalLM.from_config(config)
-    assert ar.count_parameters(config) == sum(p.numel() for p in model.parameters())
+    assert n_params(config) == sum(p.numel() for p in model.parameters())
 
 
-def test_count_rejects_non_config():
+def test_meta_model_rejects_non_config():
     with pytest.raises(ValueError, match="PretrainedConfig"):
-        ar.count_parameters({"hidden_size": 8})
+        ar.meta_model({"hidden_size": 8})
 
 
 # --------------------------------------------------------------------------- bytes per parameter
@@ -106,12 +108,12 @@ def test_bad_row_size():
 # --------------------------------------------------------------------------- weights and blocks
 
 def test_float_weight_bytes(llama7b):
-    n = ar.count_parameters(llama7b)
+    n = 6_738_415_616  # Llama-2-7B's published parameter count
     assert ar.weight_bytes(llama7b, "fp32") == 4 * n
     assert ar.weight_bytes(llama7b, torch.bfloat16) == 2 * n
 
 
-def test_quantized_weight_bytes_by_hand():
+def test_quantized_weight_bytes_by_hand(tiny_llama):
     config = tiny_llama()  # every Linear has a multiple of 64 weights
     from transformers import AutoModelForCausalLM
 
@@ -119,7 +121,7 @@ def test_quantized_weight_bytes_by_hand():
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
     q = sum(m.weight.numel() for m in linears.values())
     rows = sum(m.out_features for m in linears.values())
-    rest = 2 * (ar.count_parameters(config) - q)
+    rest = 2 * (n_params(config) - q)
     assert ar.weight_bytes(config, "int8") == q + 4 * rows + rest
     assert ar.weight_bytes(config, "nf4") == q // 2 + 4 * (q // 64) + rest
     blocks = [m.weight.numel() // 64 for m in linears.values()]
@@ -166,7 +168,7 @@ def test_block_bytes_other_architectures():
 # --------------------------------------------------------------------------- runtime tensors
 
 @pytest.mark.parametrize("kv_heads,head_dim", [(2, 24), (4, None), (1, 16)])
-def test_kv_cache_matches_dynamic_cache(kv_heads, head_dim):
+def test_kv_cache_matches_dynamic_cache(tiny_llama, kv_heads, head_dim):
     from transformers import AutoModelForCausalLM
 
     config = tiny_llama(num_key_value_heads=kv_heads, head_dim=head_dim)
@@ -207,15 +209,25 @@ def test_activation_bytes_grows_with_tokens(book):
 
 # --------------------------------------------------------------------------- ledger and feasibility
 
-def test_estimate_ledger(book):
-    ledger = ar.estimate(book, "fp32", 1, 128)
-    assert ledger.total == ledger.weights + ledger.kv_cache + ledger.activations + ledger.overhead
-    assert ledger.overhead == 0 and ledger.weights == ar.weight_bytes(book, "fp32")
+def test_estimate_ledger_against_a_real_forward_pass(book, book_model, book_dir):
+    """Every line of the ledger against the real book model (fp32) and the tensors of one 16-token pass."""
+    model, _ = book_model
+    with torch.no_grad():
+        out = model(torch.arange(16).unsqueeze(0), use_cache=True, output_hidden_states=True)
+    weights = sum(p.nbytes for p in model.parameters())  # the tied LM head once
+    cache = sum(layer.keys.nbytes + layer.values.nbytes for layer in out.cache.layers)
+    logits = out.logits.nbytes + 2 * out.hidden_states[-1].nbytes  # the peak: logits and two hidden-size buffers
+    ledger = ar.estimate(book, "fp32", 1, 16)
+    assert (ledger.weights, ledger.kv_cache, ledger.activations, ledger.overhead) == (weights, cache, logits, 0)
+    assert ledger.total == weights + cache + logits
+    assert weights == 4 * 134_515_008  # SmolLM2-135M's published parameter count
     text = ledger.table()
     assert "total" in text and "weights" in text and str(ledger) == text
     assert ar.estimate(book, "fp32", device="cuda").overhead == ar.CUDA_CONTEXT_BYTES
-    converting = ar.estimate(book, "fp32", 1, 128, checkpoint_dtype="fp16")
-    assert converting.total == max(ledger.total, ledger.weights + ar.weight_bytes(book, "fp16"))
+    # converting from the fp16 files: the whole checkpoint is resident next to the fp32 weights
+    on_disk = sum(p.stat().st_size for p in book_dir.glob("*.safetensors"))
+    converting = ar.estimate(book, "fp32", 1, 16, checkpoint_dtype="fp16")
+    assert converting.total == pytest.approx(weights + on_disk, rel=1e-3)  # the files add their headers
 
 
 def test_zero_copy_leaves_untied_embeddings_on_disk(llama7b):

@@ -9,8 +9,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from helpers.device_map import (balanced_memory, clean_device_map, module_sizes, plan_device_map,
-                                tied_parameters, validate_device_map)
+from helpers.device_map import (balanced_memory, clean_device_map, fill_devices, module_sizes, plan_device_map,
+                                validate_device_map)
+from helpers.meta import tied_parameters
 
 logging.getLogger("accelerate").setLevel(logging.ERROR)  # "Device 0 is not available": we plan on paper
 pytestmark = pytest.mark.filterwarnings("ignore:Current model requires")
@@ -178,6 +179,19 @@ def test_fake_gpus_match_accelerate(strategy):
     validate_device_map(model, ours, no_split_module_classes=["Block"])
 
 
+@pytest.mark.parametrize("strategy", ["auto", "balanced_low_0", "sequential"])
+def test_the_book_model_plans_as_accelerate_plans_it(book_model, strategy):
+    """A real Llama: decoder layers kept whole, the tied LM head, rotary buffers; planned on paper, not moved."""
+    model, _ = book_model
+    total = module_sizes(model)[""]
+    max_memory = {0: total // 4, 1: total // 3, "cpu": total // 2, "disk": total}
+    no_split = ["LlamaDecoderLayer"]
+    ours = plan_device_map(model, max_memory, no_split_module_classes=no_split, strategy=strategy)
+    assert ours == accelerate_map(model, max_memory, no_split, strategy)
+    assert {0, 1, "cpu", "disk"} >= set(ours.values()) and len(set(ours.values())) > 2, ours
+    validate_device_map(model, ours, no_split_module_classes=no_split)
+
+
 def test_everything_fits_on_gpu0_collapses_to_one_key():
     assert plan_device_map(small_lm(), {0: "1GB"}, strategy="sequential") == {"": 0}
 
@@ -205,6 +219,12 @@ def test_size_strings_and_tied_groups():
     model = small_lm()
     assert tied_parameters(model) == [["embed.weight", "head.weight"]]
     assert plan_device_map(model, {0: "1KiB", "cpu": "1MiB"}) == plan_device_map(model, {0: 1024, "cpu": 2**20})
+
+
+def test_fill_devices_is_the_sequential_plan():
+    model, budget = small_lm(layers=8), {0: "16KiB", "cpu": "64KiB"}
+    sequential = plan_device_map(model, budget, no_split_module_classes=["Block"], strategy="sequential")
+    assert fill_devices(model, budget, ["Block"]) == sequential and len(set(sequential.values())) > 1
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -1,12 +1,14 @@
 """Tests for helpers/meta.py (chapter 01)."""
 
+import copy
+
 import pytest
 import torch
 from accelerate import init_empty_weights
 from accelerate.utils import find_tied_parameters
 from torch import nn
 
-from helpers.meta import (count_parameters, parameter_bytes, record_parameter_registrations,
+from helpers.meta import (count_parameters, is_inside, parameter_bytes, parse_dtype, record_parameter_registrations,
                           tensor_devices, tied_parameters)
 
 
@@ -34,9 +36,23 @@ def test_counts_tied_weights_once_or_per_name():
 def test_meta_model_reports_the_bytes_it_would_take():
     with torch.device("meta"):
         model = nn.Sequential(*[nn.Linear(1000, 1000) for _ in range(100)])
-    assert count_parameters(model) == 100 * (1000 * 1000 + 1000)
-    assert parameter_bytes(model) == 4 * count_parameters(model)
+    assert count_parameters(model) == 100_100_000
+    assert parameter_bytes(model) == 400_400_000  # fp32
     assert tensor_devices(model) == {"meta": 200}
+
+
+def test_the_book_model_on_meta_costs_what_the_real_one_takes(book_model):
+    model, _ = book_model
+    assert count_parameters(model) == 134_515_008  # SmolLM2-135M's published count
+    assert count_parameters(model, unique=False) == 134_515_008 + 49152 * 576  # lm_head is the embedding matrix
+    assert tied_parameters(model) == [["lm_head.weight", "model.embed_tokens.weight"]]
+    assert sorted(sorted(g) for g in find_tied_parameters(model)) == tied_parameters(model)
+    with torch.device("meta"):
+        empty = type(model)(copy.deepcopy(model.config))
+    assert set(tensor_devices(empty)) == {"meta"} and tied_parameters(empty) == tied_parameters(model)
+    # what the loaded model really holds: the bytes of each parameter's storage
+    held = sum(p.untyped_storage().nbytes() for p in model.parameters())
+    assert parameter_bytes(empty) == held == 538_060_032
 
 
 def test_tied_parameters_agrees_with_accelerate():
@@ -76,3 +92,23 @@ def test_record_parameter_registrations_sees_device_and_stops_after_block():
 def test_rejects_what_is_not_a_module(fn):
     with pytest.raises(TypeError, match="must be a torch.nn.Module"):
         fn({"weight": torch.ones(2)})
+
+
+def test_is_inside_compares_whole_names():
+    assert is_inside("layers.1.mlp.weight", "layers.1") and is_inside("layers.1", "layers.1")
+    assert is_inside("lm_head.weight", "")  # "" is the whole model
+    assert not is_inside("layers.10.weight", "layers.1") and not is_inside("layers.1", "layers.1.mlp")
+
+
+@pytest.mark.parametrize("value, dtype", [(torch.float16, torch.float16), ("bfloat16", torch.bfloat16),
+                                          ("torch.float32", torch.float32), ("fp32", torch.float32),
+                                          ("fp16", torch.float16), ("bf16", torch.bfloat16), ("int8", torch.int8)])
+def test_parse_dtype_reads_every_spelling(value, dtype):
+    assert parse_dtype(value) is dtype
+
+
+@pytest.mark.parametrize("bad", ["float17", "fp8", "Tensor", None, 16])
+def test_parse_dtype_names_the_value_and_what_it_expects(bad):
+    with pytest.raises(ValueError, match="expected a torch.dtype") as err:
+        parse_dtype(bad)
+    assert repr(bad) in str(err.value) and "'bf16'" in str(err.value)

@@ -1,11 +1,11 @@
 """helpers.quant (chapter 06) agrees with bitsandbytes and with helpers.arithmetic."""
 
+import bitsandbytes.functional as F  # a requirement of the book: never skip this file for want of it
 import pytest
 import torch
 
+from helpers import arithmetic
 from helpers import quant as Q
-
-F = pytest.importorskip("bitsandbytes.functional")
 
 SHAPES = [(1536, 576), (330, 78), (7,), (64, 256)]
 
@@ -37,6 +37,16 @@ def test_4bit_matches_bitsandbytes(shape, quant_type):
         assert torch.equal(ours.packed, packed.view(-1))
     n_bytes = packed.numel() * packed.element_size() + state.absmax.numel() * 4
     assert ours.nbytes == n_bytes
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_4bit_matches_bitsandbytes_on_a_book_model_weight(book_model, quant_type):
+    """A trained weight, outliers and all (layer 0's down projection), not a Gaussian."""
+    w = book_model[0].model.layers[0].mlp.down_proj.weight.detach().clone()
+    packed, state = F.quantize_4bit(w, quant_type=quant_type, blocksize=64)
+    ours = Q.quantize_4bit(w, quant_type)
+    assert torch.equal(ours.absmax, state.absmax)
+    assert torch.allclose(ours.dequantize(), F.dequantize_4bit(packed, state), atol=1e-6 * w.abs().max().item(), rtol=0)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -92,7 +102,6 @@ def test_int8_matmul_outliers():
 
 
 def test_bytes_per_param_agree_with_arithmetic():
-    arithmetic = pytest.importorskip("helpers.arithmetic", reason="helpers.arithmetic (chapter 02) not present")
     w = _weight((512, 2048))  # 16 nested blocks of 256 absmaxes: no partial blocks
     assert Q.quantize_4bit(w, "nf4").bytes_per_param == arithmetic.bytes_per_param("nf4")
     assert Q.quantize_4bit(w, "fp4").bytes_per_param == arithmetic.bytes_per_param("fp4")
@@ -113,3 +122,12 @@ def test_bad_input_is_refused():
         Q.quantize_int8(torch.ones(2, 2, dtype=torch.int64))
     with pytest.raises(ValueError, match="empty"):
         Q.quantize_4bit(torch.empty(0))
+
+
+def test_blocks_round_trip_to_the_nearest_level():
+    x, levels = _weight((100,)), Q.nf4_levels()
+    codes, absmax = Q.quantize_blocks(x, 64, levels)
+    assert codes.shape == (128,) and absmax.shape == (2,)  # padded to whole blocks
+    back = Q.dequantize_blocks(codes, absmax, 64, levels)[:100]
+    half_gap = (levels.diff().max() / 2) * absmax.repeat_interleave(64)[:100]
+    assert ((back - x).abs() <= half_gap + 1e-7).all()
