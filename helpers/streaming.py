@@ -1,26 +1,37 @@
 """Layer streaming: run a model bigger than memory one block at a time, the whole batch per block.
 
-Built in chapter 08. ``LayerStreamer`` reads the per-layer files that ``helpers.checkpoints.split_by_layer``
-writes (chapter 03). The model's skeleton lives on the ``meta`` device; for each block in execution order
-the streamer loads that block's weights (a background thread reads the *next* block meanwhile), runs the
-whole batch through it, and sends it back to ``meta``. At most two blocks of weights are resident, plus
-the activations and the KV cache. On the CPU the files are memory-mapped, so reading costs no copy; the
-embedding reads only the rows a pass looks up.
+Built in chapter 08, in two parts that meet at one seam:
+
+* ``BlockSource``: *what* to read and *from where*. It reads the per-layer files that
+  ``helpers.checkpoints.split_by_layer`` writes (chapter 03) and puts each block's weights on the device:
+  memory-mapped on the CPU (no copy; an embedding reads only the rows a pass looks up), through two pinned
+  buffers and a side stream on CUDA. A reader thread reads block i + 1 while block i computes.
+* ``LayerStreamer``: the *pass*. The model's skeleton lives on the ``meta`` device, each block knowing its
+  ``Role`` in a Llama-family forward pass. One engine (``run_pass``) takes each block from the source, runs
+  the whole batch through it and sends it back to ``meta``; ``forward``, ``generate`` and ``score`` are
+  policies over that engine, each a ``step`` with its own small state.
+
+At most two blocks of weights are resident, plus the activations and the KV cache.
 """
 
 from __future__ import annotations
 
+import enum
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 
-from helpers.tensorfiles import drop_page_cache, map_safetensors, read_layer_index, read_safetensors, touch_rows
+from helpers import tensorfiles
+from helpers.meta import parse_dtype
 
-__all__ = ["LayerStreamer", "predicted_peak_bytes"]
+__all__ = ["BlockSource", "LoadedBlock", "Role", "Block", "llama_blocks", "LayerStreamer", "predicted_peak_bytes"]
+
 
 def predicted_peak_bytes(config, batch_size: int, seq_len: int, dtype, *, prefetch: bool = True) -> int:
     """Bytes ``LayerStreamer`` holds at its peak on the CPU, from ``helpers.arithmetic``. Built in chapter 08.
@@ -42,146 +53,327 @@ def predicted_peak_bytes(config, batch_size: int, seq_len: int, dtype, *, prefet
     return weights + activation_bytes(config, batch_size, seq_len, dtype)
 
 
-class LayerStreamer:
-    """Run a causal LM from a directory of per-layer files, one block at a time. Built in chapter 08.
+# =========================================================================== the source: what to read, from where
 
-    ``device``: where blocks compute (default CUDA when present, else CPU). ``dtype``: compute dtype
-    (default: the checkpoint's). ``prefetch``: read block i+1 in a background thread while block i
-    computes. ``drop_page_cache``: forget each block's file pages once the block is done, so every pass
-    reads the disk (Linux).
+@dataclass
+class LoadedBlock:
+    """One block's weights, read from disk and on their way to the device."""
+
+    index: int  # the block's place in execution order
+    state: dict[str, torch.Tensor] = field(repr=False)  # name inside the block -> tensor (see BlockSource.take)
+    bytes: int  # bytes read from disk for it
+    event: Optional[torch.cuda.Event]  # CUDA: marks the end of its copy on the side stream; else None
+    read_start: float  # time.perf_counter() when the read began
+    read_end: float  # ... and when it ended
+
+
+class BlockSource:
+    """The blocks of a per-layer split, read one by one and put on ``device``. Built in chapter 08.
+
+    Knows each block's files (a tied ``lm_head`` reads its tensor from the embedding's file), the read
+    buffers, the CUDA copy stream, the reader thread and the page-cache dropper. ``stream(rows)`` yields
+    the blocks in execution order, reading block i + 1 in the reader thread while the caller computes
+    block i (``prefetch``); ``cold`` forgets each block's file pages once it is done, so that every pass
+    reads the disk (Linux). Close it (``close()`` or ``with``) to stop its threads and free its buffers.
+    """
+
+    def __init__(self, layer_dir: Union[str, Path], *, device: torch.device, dtype: torch.dtype,
+                 prefetch: bool = True, cold: bool = False):
+        self.layer_dir = Path(layer_dir)
+        self.index = tensorfiles.read_layer_index(self.layer_dir)
+        if cold and not hasattr(os, "posix_fadvise"):
+            raise ValueError("dropping the page cache (drop_page_cache=True) needs os.posix_fadvise (Linux); "
+                             "this platform has none")
+        self.device, self.dtype, self.prefetch, self.cold = torch.device(device), dtype, prefetch, cold
+        self.names: list[str] = list(self.index.blocks)
+        self.files = {name: self._files_of(name) for name in self.names}
+        self.cuda = self.device.type == "cuda"
+        self._copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-reader")
+        self._dropper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="page-dropper")
+        self._slots: list[Optional[torch.Tensor]] = [None, None]  # two pinned read buffers (CUDA), used in turn
+        self.closed = False
+
+    def _files_of(self, name: str) -> list[tuple[Path, dict[str, str]]]:
+        """Files to read for a block, each with {name in file: name in block}; tied weights come from their source."""
+        if name in self.index.files:
+            return [(self.layer_dir / self.index.files[name], {})]
+        owner, source, target = self.index.tied_source(name)  # read_layer_index checked there is one
+        return [(self.layer_dir / self.index.files[owner], {source: target})]
+
+    def _slot(self, i: int) -> torch.Tensor:
+        """Pinned read buffer i % 2, as big as the biggest file: block i reads into it while block i - 1 computes."""
+        if self._slots[i % 2] is None:
+            size = max(os.path.getsize(path) for files in self.files.values() for path, _ in files)
+            self._slots[i % 2] = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+        return self._slots[i % 2]
+
+    @property
+    def pinned_bytes(self) -> int:
+        """Bytes of pinned read buffers held now (CUDA only; 0 on the CPU and after ``close``)."""
+        return sum(slot.nbytes for slot in self._slots if slot is not None)
+
+    def load(self, i: int, rows: Optional[torch.Tensor] = None) -> LoadedBlock:
+        """Read block i and start putting it on the device, in its compute dtype (runs in the reader thread).
+
+        On the CPU the files are memory-mapped (``tensorfiles.map_safetensors``): the kernel reads them into
+        the page cache and the tensors are those very pages, so the read leaves both the CPU and the GIL to
+        the compute. On CUDA they are read into a pinned buffer (``tensorfiles.read_safetensors``) and copied
+        on a side stream. ``rows``: for a lookup table (an embedding), the rows a pass looks up; on the CPU
+        only their pages are read, and the table keeps its stored dtype (the lookup's output is converted).
+        """
+        self._check_open()
+        files, lookup = self.files[self.names[i]], rows is not None and not self.cuda
+        t0, state, nbytes = time.perf_counter(), {}, 0
+        for path, rename in files:
+            if lookup:  # map without reading ahead, then fault in only the looked-up rows' pages
+                tensors, _ = tensorfiles.map_safetensors(path, populate=False)
+                header_bytes = path.stat().st_size - sum(t.nbytes for t in tensors.values())
+                n = header_bytes + tensorfiles.touch_rows(tensors, rows)
+            elif self.cuda:  # one readinto into a reused pinned buffer
+                tensors, _ = tensorfiles.read_safetensors(path, self._slot(i) if len(files) == 1 else None, pin=True)
+                n = path.stat().st_size
+            else:
+                tensors, n = tensorfiles.map_safetensors(path)
+            nbytes += n
+            prefix = len(self.names[i]) + 1  # "model.layers.3.mlp.up_proj.weight" -> "mlp.up_proj.weight"
+            state.update({rename.get(k, k)[prefix:]: t for k, t in tensors.items() if not rename or k in rename})
+        event = None
+        if self.cuda:  # copy on a side stream, so that it overlaps the previous block's compute
+            with torch.cuda.stream(self._copy_stream):
+                state = {k: v.to(self.device, non_blocking=True) for k, v in state.items()}
+                event = torch.cuda.Event()
+                event.record(self._copy_stream)
+        elif not lookup:
+            state = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in state.items()}
+        return LoadedBlock(i, state, nbytes, event, t0, time.perf_counter())
+
+    def take(self, loaded: LoadedBlock) -> dict[str, torch.Tensor]:
+        """Hand a loaded block's tensors to the compute, ``loaded`` keeping none of them (so they are freed when
+        the module that takes them goes back to ``meta``). On CUDA the compute stream, not the CPU, waits for
+        the copy; then the tensors are converted to the compute dtype."""
+        state, loaded.state = loaded.state, {}
+        if loaded.event is not None:
+            torch.cuda.current_stream(self.device).wait_event(loaded.event)
+            state = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in state.items()}
+        return state
+
+    def release(self, i: int) -> Optional[Future]:
+        """Block i is done. With ``cold``, drop its files' cached pages in a thread of their own (off the
+        compute's path and the reader's) and return that job's Future; else None."""
+        if not self.cold:
+            return None
+        return self._dropper.submit(tensorfiles.drop_page_cache, *(path for path, _ in self.files[self.names[i]]))
+
+    def stream(self, rows: Optional[Mapping[str, torch.Tensor]] = None) -> Iterator[LoadedBlock]:
+        """Every block in execution order; with ``prefetch`` the reader thread reads block i + 1 while the caller
+        uses block i. ``rows``: {lookup table's block name: the rows this pass looks up}. Block i is released
+        when the caller asks for block i + 1. Close the iterator (``contextlib.closing``) if you stop early."""
+        self._check_open()  # here, in the caller's thread: not as a reader thread's refusal to start
+        rows, n = rows or {}, len(self.names)
+
+        def read(i: int) -> LoadedBlock:
+            return self.load(i, rows.get(self.names[i]))
+
+        pending: Optional[Future] = None
+        drops = []
+        try:
+            if self.prefetch:
+                pending = self._reader.submit(read, 0)
+            for i in range(n):
+                if self.prefetch:
+                    loaded = pending.result()
+                    pending = self._reader.submit(read, i + 1) if i + 1 < n else None
+                else:
+                    loaded = read(i)
+                yield loaded
+                drops.append(self.release(i))
+            for done in drops:
+                if done is not None:
+                    done.result()  # raises here if dropping a file's pages failed
+        finally:
+            if pending is not None:  # stopped mid-pass: wait for the reader, then let go of what it read
+                pending.cancel() or pending.exception()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError(f"the block source of {self.layer_dir} is closed (by close() or at the end of a with "
+                               "block); make a new LayerStreamer (or BlockSource) to read again")
+
+    def close(self) -> None:
+        """Stop the reader and dropper threads and free the read buffers. Closing twice is harmless."""
+        self.closed = True
+        self._reader.shutdown(wait=True)
+        self._dropper.shutdown(wait=True)
+        self._slots = [None, None]
+
+    def __enter__(self) -> "BlockSource":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# =========================================================================== the pass: a Llama-family forward
+
+class Role(enum.Enum):
+    """What a block does in a Llama-family forward pass."""
+
+    EMBED = "embed_tokens"  # token ids -> hidden states
+    LAYER = "layers"  # one decoder layer: hidden -> hidden, with its KV cache
+    NORM = "norm"  # the final norm
+    HEAD = "lm_head"  # hidden -> logits
+
+
+@dataclass(frozen=True)
+class Block:
+    """One block of the model's skeleton: its name in the split, its role, the module that computes it."""
+
+    name: str
+    role: Role
+    module: torch.nn.Module = field(repr=False)
+    layer: Optional[int] = None  # Role.LAYER: the decoder layer's index (its place in the KV cache)
+
+
+def llama_blocks(model: torch.nn.Module, names: Sequence[str]) -> list[Block]:
+    """A split's blocks with their roles, found by which module each name *is* in a Llama-family model.
+
+    Llama-family models (Llama, Mistral, Qwen2, SmolLM2, ...) are ``model.model.embed_tokens``,
+    ``model.model.layers[i]``, ``model.model.norm`` and ``model.lm_head``; ``names`` must be those blocks, in
+    that order (a split's ``layers.index.json`` lists them so). Built in chapter 08.
+    """
+    decoder = getattr(model, "model", None)
+    parts = {"model.embed_tokens": getattr(decoder, "embed_tokens", None),
+             "model.layers": getattr(decoder, "layers", None), "model.norm": getattr(decoder, "norm", None),
+             "lm_head": getattr(model, "lm_head", None)}
+    if any(part is None for part in parts.values()):
+        raise ValueError(f"{type(model).__name__} is not a Llama-family model: the streamer needs "
+                         f"{', '.join(parts)}; it lacks {', '.join(k for k, v in parts.items() if v is None)}")
+    roles = {id(parts["model.embed_tokens"]): (Role.EMBED, None), id(parts["model.norm"]): (Role.NORM, None),
+             id(parts["lm_head"]): (Role.HEAD, None),
+             **{id(layer): (Role.LAYER, i) for i, layer in enumerate(parts["model.layers"])}}
+    blocks = []
+    for name in names:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            module = None
+        if module is None or id(module) not in roles:
+            raise ValueError(f"block {name!r} is none of a Llama-family model's blocks (model.embed_tokens, "
+                             "model.layers.<i>, model.norm, lm_head)")
+        role, layer = roles[id(module)]
+        blocks.append(Block(name, role, module, layer))
+    n = len(parts["model.layers"])
+    expected = [(Role.EMBED, None), *[(Role.LAYER, i) for i in range(n)], (Role.NORM, None), (Role.HEAD, None)]
+    if [(b.role, b.layer) for b in blocks] != expected:
+        raise ValueError(f"blocks {list(names)} are not a forward pass in order; expected model.embed_tokens, "
+                         f"model.layers.0 to model.layers.{n - 1}, model.norm, lm_head")
+    return blocks
+
+
+@dataclass
+class ForwardState:
+    """What a forward pass carries from block to block."""
+
+    hidden: Optional[torch.Tensor] = None  # (batch, seq, hidden) activations
+    position_ids: Optional[torch.Tensor] = None  # (batch, seq)
+    mask: Optional[torch.Tensor] = None  # the causal mask every layer applies (None: plain causal attention)
+    position_embeddings: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # rotary cos and sin
+    logits: Optional[torch.Tensor] = None  # (batch, seq or 1, vocab), float32
+
+
+@dataclass
+class ScoreState:
+    """What ``score`` carries from block to block: the shared prefix and the suffixes, side by side."""
+
+    prefix: Optional[torch.Tensor] = None  # (1, P, hidden) activations of the prefix
+    suffixes: Optional[torch.Tensor] = None  # (n, S, hidden) activations of the suffixes
+    prefix_embeddings: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # rotary cos, sin at 0 .. P - 1
+    suffix_embeddings: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # ... at P .. P + S - 1
+    hidden: Optional[torch.Tensor] = None  # (n, 1 + S, hidden) after the norm: the prefix's last token, then the suffix
+    scores: Optional[torch.Tensor] = None  # (n,) float32
+
+
+class LayerStreamer:
+    """Run a Llama-family causal LM from a directory of per-layer files, one block at a time. Built in chapter 08.
+
+    ``device``: where blocks compute (default CUDA when present, else CPU). ``dtype``: compute dtype, as
+    ``helpers.meta.parse_dtype`` reads it (default: the checkpoint's). ``prefetch``: read block i + 1 in a
+    background thread while block i computes. ``drop_page_cache``: forget each block's file pages once the
+    block is done, so that every pass reads the disk (Linux); kept as ``cold``.
     After each pass, ``timeline`` holds one record per block: ``block``, ``bytes``, ``read_start``,
     ``read_end``, ``compute_start``, ``compute_end`` (seconds since the pass started).
+    Use it in a ``with`` block (or call ``close()``) to stop its reader threads and free its buffers.
     """
 
     def __init__(self, layer_dir: Union[str, Path], *, device: Union[str, torch.device, None] = None,
-                 dtype: Optional[torch.dtype] = None, prefetch: bool = True, drop_page_cache: bool = False,
+                 dtype: Union[torch.dtype, str, None] = None, prefetch: bool = True, drop_page_cache: bool = False,
                  progress: bool = True):
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.layer_dir = Path(layer_dir)
-        self.index = read_layer_index(self.layer_dir)
-        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
-            raise ValueError(f"dtype {dtype!r} must be a floating-point torch.dtype such as torch.float32")
+        names = tensorfiles.read_layer_index(self.layer_dir).blocks  # first: a folder that is no split fails clearly
+        if dtype is not None:
+            dtype = parse_dtype(dtype)
+            if not dtype.is_floating_point:
+                raise ValueError(f"dtype {dtype!r} must be a floating-point dtype such as torch.float32 or 'bf16'")
         self.device = torch.device(device if device is not None else
                                    ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} asks for CUDA, but torch.cuda.is_available() is False")
         self.config = AutoConfig.from_pretrained(self.layer_dir)
-        stored = self.config.dtype if isinstance(self.config.dtype, torch.dtype) else \
-            getattr(torch, str(self.config.dtype or "float32").replace("torch.", ""))
-        self.dtype = dtype or stored
-        if drop_page_cache and not hasattr(os, "posix_fadvise"):
-            raise ValueError("drop_page_cache=True needs os.posix_fadvise (Linux); this platform has none")
-        self.prefetch, self.drop_page_cache, self.progress = prefetch, drop_page_cache, progress
+        self.dtype = dtype or parse_dtype(self.config.dtype or "float32")
+        self.progress = progress
         with torch.device("meta"):
             self.model = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype).eval()
+        self.blocks = llama_blocks(self.model, names)
         rotary = self.model.model.rotary_emb  # buffers only: rebuild it for real on the device
         self.rotary_emb = type(rotary)(config=self.model.config).to(self.device)
-        self.blocks: list[str] = list(self.index.blocks)
-        self._sources = {b: self._sources_of(b) for b in self.blocks}
-        self._cuda = self.device.type == "cuda"
-        self._copy_stream = torch.cuda.Stream(self.device) if self._cuda else None
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-reader")
-        self._dropper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="page-dropper")
-        self._slots: list[Optional[torch.Tensor]] = [None, None]  # two read buffers, reused in turn
+        self.source = BlockSource(self.layer_dir, device=self.device, dtype=self.dtype, prefetch=prefetch,
+                                  cold=drop_page_cache)
         self.timeline: list[dict] = []
 
-    # ------------------------------------------------------------------ loading one block
-    def _sources_of(self, block: str) -> list[tuple[Path, dict[str, str]]]:
-        """Files to read for a block, each with {name in file: name in block}; tied weights come from their source."""
-        if block in self.index.files:
-            return [(self.layer_dir / self.index.files[block], {})]
-        owner, source, target = self.index.tied_source(block)  # read_layer_index checked there is one
-        return [(self.layer_dir / self.index.files[owner], {source: target})]
+    @property
+    def prefetch(self) -> bool:
+        """Whether block i + 1 is read while block i computes."""
+        return self.source.prefetch
 
-    def _slot(self, i: int) -> torch.Tensor:
-        """Pinned read buffer i % 2 (CUDA), as big as the biggest file: block i reads into it while block i - 1 computes."""
-        if self._slots[i % 2] is None:
-            size = max(os.path.getsize(p) for b in self.blocks for p, _ in self._sources[b])
-            self._slots[i % 2] = torch.empty(size, dtype=torch.uint8, pin_memory=True)
-        return self._slots[i % 2]
+    @property
+    def cold(self) -> bool:
+        """Whether every pass reads the disk (``drop_page_cache=True``): each block's pages are dropped after it."""
+        return self.source.cold
 
-    def _load(self, i: int, rows: torch.Tensor) -> dict:
-        """Read block i's tensors (in the reader thread when prefetching) and put them on the device in its dtype.
+    # ------------------------------------------------------------------ the engine
+    def run_pass(self, step: Callable[[Block], None], ids: torch.Tensor, desc: str = "blocks") -> None:
+        """One pass, the engine under every policy: for each block in order, take its weights from the source,
+        call ``step(block)`` (which runs the batch through ``block.module``), send the block back to ``meta``.
 
-        On the CPU the files are memory-mapped (``map_safetensors``): the kernel reads them into the page
-        cache and the tensors are those very pages, so the read leaves both the CPU and the GIL to the
-        compute. On CUDA they are read into a pinned buffer (``helpers.tensorfiles.read_safetensors``) and copied on a side
-        stream. ``rows``: the token ids the pass looks up; an embedding on the CPU reads only those rows.
-        """
-        block = self.blocks[i]
-        t0, state, nbytes = time.perf_counter(), {}, 0
-        sources = self._sources[block]
-        lookup = not self._cuda and isinstance(self.model.get_submodule(block), torch.nn.Embedding)
-        for path, rename in sources:
-            if lookup and not rename:  # an embedding on the CPU: read only the rows this pass looks up
-                tensors, _ = map_safetensors(path, populate=False)
-                n = path.stat().st_size - sum(t.nbytes for t in tensors.values()) + touch_rows(tensors, rows)
-            elif self._cuda:  # chapter 05's reader: one readinto into a reused pinned buffer
-                tensors, _ = read_safetensors(path, self._slot(i) if len(sources) == 1 else None, pin=True)
-                n = path.stat().st_size
-            else:
-                tensors, n = map_safetensors(path)
-            nbytes += n
-            for name, t in tensors.items():
-                if rename and name not in rename:
-                    continue
-                state[rename.get(name, name)[len(block) + 1:]] = t
-        event = None
-        if self._cuda:  # copy on a side stream so it overlaps the previous block's compute
-            with torch.cuda.stream(self._copy_stream):
-                state = {k: v.to(self.device, non_blocking=True) for k, v in state.items()}
-                event = torch.cuda.Event()
-                event.record(self._copy_stream)
-        elif not lookup:  # (an embedding keeps its stored dtype: its output is converted, not the whole table)
-            state = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in state.items()}
-        return {"state": state, "bytes": nbytes, "event": event, "read_start": t0, "read_end": time.perf_counter()}
-
-    def _stream(self, step: Callable[[str, torch.nn.Module], None], ids: torch.Tensor, desc: str = "blocks") -> None:
-        """One pass: for each block, load it (prefetching the next), call ``step(name, module)``, free it.
-
-        ``ids``: every token id the pass looks up, so the embedding block reads only those rows.
+        ``forward``, ``generate`` and ``score`` are such steps; a new policy is a new step. ``ids``: every token
+        id the pass looks up, so the embedding reads only those rows. Built in chapter 08.
         """
         from tqdm.auto import tqdm
 
-        rows = torch.unique(ids.cpu())  # the embedding rows this pass looks up
-        t0, timeline, drops = time.perf_counter(), [], []
-        pending: Optional[Future] = None
-        bar = tqdm(self.blocks, desc=desc, unit="block", leave=False, disable=not self.progress)
+        rows = {b.name: torch.unique(ids.cpu()) for b in self.blocks if b.role is Role.EMBED}
+        t0, timeline = time.perf_counter(), []
+        bar = tqdm(total=len(self.blocks), desc=desc, unit="block", leave=False, disable=not self.progress)
         try:
-            if self.prefetch:
-                pending = self._pool.submit(self._load, 0, rows)
-            for i, block in enumerate(bar):
-                if self.prefetch:
-                    loaded = pending.result()
-                    pending = self._pool.submit(self._load, i + 1, rows) if i + 1 < len(self.blocks) else None
-                else:
-                    loaded = self._load(i, rows)
-                module = self.model.get_submodule(block)
-                state = loaded.pop("state")
-                if self._cuda:
-                    torch.cuda.current_stream(self.device).wait_event(loaded["event"])
-                    state = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in state.items()}
-                module.load_state_dict(state, strict=True, assign=True)
-                del state
-                c0 = time.perf_counter()
-                with torch.inference_mode():
-                    step(block, module)
-                if self._cuda:
-                    torch.cuda.synchronize(self.device)
-                c1 = time.perf_counter()
-                module.to("meta")  # free the block's weights (on the CPU: unmap its file)
-                if self.drop_page_cache:  # in a thread of its own: off the compute's path and the reader's
-                    drops.append(self._dropper.submit(drop_page_cache, *(path for path, _ in self._sources[block])))
-                timeline.append({"block": block, "bytes": loaded["bytes"], "read_start": loaded["read_start"] - t0,
-                                 "read_end": loaded["read_end"] - t0, "compute_start": c0 - t0,
-                                 "compute_end": c1 - t0})
-            for done in drops:
-                done.result()  # raises here if dropping a file's pages failed
+            with closing(self.source.stream(rows)) as loads:
+                for loaded in loads:
+                    block = self.blocks[loaded.index]
+                    block.module.load_state_dict(self.source.take(loaded), strict=True, assign=True)
+                    c0 = time.perf_counter()
+                    with torch.inference_mode():
+                        step(block)
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    c1 = time.perf_counter()
+                    block.module.to("meta")  # free the block's weights (on the CPU: unmap its file)
+                    timeline.append({"block": block.name, "bytes": loaded.bytes, "read_start": loaded.read_start - t0,
+                                     "read_end": loaded.read_end - t0, "compute_start": c0 - t0,
+                                     "compute_end": c1 - t0})
+                    bar.update()
         finally:
             bar.close()
-            if pending is not None:  # an error mid-pass: wait for the reader, then drop what it read
-                pending.cancel() or pending.exception()
             self.model.to("meta")
         self.timeline = timeline
 
@@ -209,31 +401,32 @@ class LayerStreamer:
                              "the shape of input_ids")
         return mask.long().to(self.device)
 
-    # ------------------------------------------------------------------ passes
+    # ------------------------------------------------------------------ policies
     def _pass(self, ids, mask, cache, position_ids, last_only: bool, desc: str) -> torch.Tensor:
+        """A forward pass (with ``cache``, one step of generation); returns the logits."""
         from transformers.masking_utils import create_causal_mask
 
-        s: dict = {}
+        s = ForwardState()
 
-        def step(block: str, module: torch.nn.Module) -> None:
-            if block == "model.embed_tokens":
-                s["h"] = module(ids).to(self.dtype)
+        def step(block: Block) -> None:
+            if block.role is Role.EMBED:
+                s.hidden = block.module(ids).to(self.dtype)
                 past = cache.get_seq_length() if cache is not None else 0
-                s["pos"] = position_ids if position_ids is not None else \
+                s.position_ids = position_ids if position_ids is not None else \
                     torch.arange(past, past + ids.shape[1], device=self.device)[None]
-                s["mask"] = create_causal_mask(config=self.model.config, inputs_embeds=s["h"], attention_mask=mask,
-                                               cache=cache, position_ids=s["pos"])
-                s["pe"] = self.rotary_emb(s["h"], position_ids=s["pos"])
-            elif block.startswith("model.layers."):
-                s["h"] = module(s["h"], attention_mask=s["mask"], position_ids=s["pos"], cache=cache,
-                                use_cache=cache is not None, position_embeddings=s["pe"])
-            elif block == "model.norm":
-                s["h"] = module(s["h"][:, -1:] if last_only else s["h"])
-            elif block == "lm_head":
-                s["logits"] = module(s["h"]).float()
+                s.mask = create_causal_mask(config=self.model.config, inputs_embeds=s.hidden, attention_mask=mask,
+                                            cache=cache, position_ids=s.position_ids)
+                s.position_embeddings = self.rotary_emb(s.hidden, position_ids=s.position_ids)
+            elif block.role is Role.LAYER:
+                s.hidden = block.module(s.hidden, attention_mask=s.mask, position_ids=s.position_ids, cache=cache,
+                                        use_cache=cache is not None, position_embeddings=s.position_embeddings)
+            elif block.role is Role.NORM:
+                s.hidden = block.module(s.hidden[:, -1:] if last_only else s.hidden)
+            elif block.role is Role.HEAD:
+                s.logits = block.module(s.hidden).float()
 
-        self._stream(step, ids, desc)
-        return s["logits"]
+        self.run_pass(step, ids, desc)
+        return s.logits
 
     def forward(self, input_ids, attention_mask=None, *, last_only: bool = False) -> torch.Tensor:
         """Logits (batch, seq, vocab) in float32, or (batch, 1, vocab) with ``last_only``. Built in chapter 08."""
@@ -315,32 +508,31 @@ class LayerStreamer:
         if self.model.config._attn_implementation == "eager":
             suffix_mask = torch.zeros(suffix_mask.shape, dtype=self.dtype, device=self.device).masked_fill(
                 ~suffix_mask, torch.finfo(self.dtype).min)
-        cache, s = DynamicCache(config=self.model.config), {}
+        cache, s = DynamicCache(config=self.model.config), ScoreState()
 
-        def step(block: str, module: torch.nn.Module) -> None:
-            if block == "model.embed_tokens":
-                s["p"], s["s"] = module(prefix).to(self.dtype), module(suffix).to(self.dtype)
-                s["pe_p"] = self.rotary_emb(s["p"], torch.arange(P, device=self.device)[None])
-                s["pe_s"] = self.rotary_emb(s["s"], torch.arange(P, P + S, device=self.device)[None])
-            elif block.startswith("model.layers."):
-                i = int(block.rsplit(".", 1)[1])
-                s["p"] = module(s["p"], attention_mask=None, cache=cache, use_cache=True,
-                                position_embeddings=s["pe_p"])
-                layer = cache.layers[i]  # the prefix's K and V, shared (not copied) by every suffix
+        def step(block: Block) -> None:
+            if block.role is Role.EMBED:
+                s.prefix, s.suffixes = block.module(prefix).to(self.dtype), block.module(suffix).to(self.dtype)
+                s.prefix_embeddings = self.rotary_emb(s.prefix, torch.arange(P, device=self.device)[None])
+                s.suffix_embeddings = self.rotary_emb(s.suffixes, torch.arange(P, P + S, device=self.device)[None])
+            elif block.role is Role.LAYER:
+                s.prefix = block.module(s.prefix, attention_mask=None, cache=cache, use_cache=True,
+                                        position_embeddings=s.prefix_embeddings)
+                layer = cache.layers[block.layer]  # the prefix's K and V, shared (not copied) by every suffix
                 layer.keys, layer.values = layer.keys.expand(n, -1, -1, -1), layer.values.expand(n, -1, -1, -1)
-                s["s"] = module(s["s"], attention_mask=suffix_mask, cache=cache, use_cache=True,
-                                position_embeddings=s["pe_s"])
+                s.suffixes = block.module(s.suffixes, attention_mask=suffix_mask, cache=cache, use_cache=True,
+                                          position_embeddings=s.suffix_embeddings)
                 layer.keys = layer.values = None  # this layer's cache is not needed again
-            elif block == "model.norm":
-                s["h"] = module(torch.cat([s["p"][:, -1:].expand(n, -1, -1), s["s"]], dim=1))
-            elif block == "lm_head":
-                logp = torch.log_softmax(module(s["h"][:, :-1]).float(), dim=-1)
+            elif block.role is Role.NORM:
+                s.hidden = block.module(torch.cat([s.prefix[:, -1:].expand(n, -1, -1), s.suffixes], dim=1))
+            elif block.role is Role.HEAD:
+                logp = torch.log_softmax(block.module(s.hidden[:, :-1]).float(), dim=-1)
                 token_logp = logp.gather(-1, suffix[..., None])[..., 0]
                 real = torch.arange(S, device=self.device)[None] < lengths[:, None]
-                s["scores"] = (token_logp * real).sum(-1)
+                s.scores = (token_logp * real).sum(-1)
 
-        self._stream(step, torch.cat([prefix[0], suffix.flatten()]), "score")
-        return s["scores"].cpu()
+        self.run_pass(step, torch.cat([prefix[0], suffix.flatten()]), "score")
+        return s.scores.cpu()
 
     @property
     def bytes_per_pass(self) -> int:
@@ -350,8 +542,13 @@ class LayerStreamer:
             raise RuntimeError("no pass has run yet: call forward, generate or score first")
         return sum(r["bytes"] for r in self.timeline)
 
+    # ------------------------------------------------------------------ lifetime
     def close(self) -> None:
-        """Stop the reader threads and free the two read buffers."""
-        self._pool.shutdown(wait=True)
-        self._dropper.shutdown(wait=True)
-        self._slots = [None, None]
+        """Stop the reader threads and free the read buffers (the source's). Closing twice is harmless."""
+        self.source.close()
+
+    def __enter__(self) -> "LayerStreamer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

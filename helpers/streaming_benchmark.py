@@ -32,9 +32,10 @@ from pathlib import Path
 import torch
 
 from helpers.memory import format_size, measure, parse_size
+from helpers.meta import parse_dtype
 from helpers.tensorfiles import drop_page_cache, map_safetensors, read_layer_index, read_safetensors
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+COMPUTE_DTYPES = ("fp32", "bf16")  # --dtype: what the weights are stored and computed in (helpers.meta.parse_dtype)
 BIG = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=16, num_key_value_heads=16,
            vocab_size=32000, tie_word_embeddings=False)
 SMALL = dict(hidden_size=768, intermediate_size=2048, num_attention_heads=12, num_key_value_heads=12,
@@ -115,7 +116,7 @@ def run_inmemory(a) -> dict:
     from transformers import AutoModelForCausalLM
 
     with measure() as m:
-        model = AutoModelForCausalLM.from_pretrained(a.model, dtype=DTYPES[a.dtype]).eval()
+        model = AutoModelForCausalLM.from_pretrained(a.model, dtype=parse_dtype(a.dtype)).eval()
         ids = _prompt(a, model.config.vocab_size)
         with torch.inference_mode():
             times, logits = _timed_passes(a, lambda: model(ids).logits, [])
@@ -131,7 +132,7 @@ def run_overlap(a) -> dict:
 
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=DTYPES[a.dtype]).eval()
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=parse_dtype(a.dtype)).eval()
     ids = _prompt(a, model.config.vocab_size)
     index = read_layer_index(a.layers)
     files = [a.layers / index.files[b] for b in index.blocks if b in index.files and b != "model.embed_tokens"]
@@ -161,14 +162,13 @@ def run_stream(a) -> dict:
     from helpers.streaming import LayerStreamer
 
     files = layer_files(a.layers)
-    st = LayerStreamer(a.layers, device="cpu", dtype=DTYPES[a.dtype], prefetch=a.variant == "stream-prefetch",
-                       drop_page_cache=True, progress=False)
-    ids = _prompt(a, st.config.vocab_size)
-    st.forward(ids)  # one pass first, outside the measurement: imports, the reader thread, the allocator
-    with measure() as m:
-        times, logits = _timed_passes(a, lambda: st.forward(ids), files)
+    with LayerStreamer(a.layers, device="cpu", dtype=a.dtype, prefetch=a.variant == "stream-prefetch",
+                       drop_page_cache=True, progress=False) as st:
+        ids = _prompt(a, st.config.vocab_size)
+        st.forward(ids)  # one pass first, outside the measurement: imports, the reader thread, the allocator
+        with measure() as m:
+            times, logits = _timed_passes(a, lambda: st.forward(ids), files)
     ref = torch.load(a.out / "inmemory.pt", weights_only=True)
-    st.close()
     return {"seconds": min(times), "times": times, "peak_rss": m.cpu_peak_bytes, "bytes_per_pass": st.bytes_per_pass,
             "max_abs_diff": float((logits[:, -1] - ref).abs().max()), "timeline": st.timeline}
 
@@ -181,11 +181,11 @@ def run_accelerate(a) -> dict:
     offload = Path(tempfile.mkdtemp(prefix="offload-", dir=a.out))
     with measure() as m:
         with init_empty_weights():
-            model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[a.dtype])
+            model = AutoModelForCausalLM.from_config(config, dtype=parse_dtype(a.dtype))
         device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "disk",
                       **{f"model.layers.{i}": "disk" for i in range(config.num_hidden_layers)}}
         model = load_checkpoint_and_dispatch(model, str(a.model), device_map=device_map, offload_folder=str(offload),
-                                             dtype=DTYPES[a.dtype]).eval()
+                                             dtype=parse_dtype(a.dtype)).eval()
         ids = _prompt(a, config.vocab_size)
         files = list(a.model.glob("*.safetensors")) + [p for p in offload.rglob("*") if p.is_file()]
         with torch.inference_mode():
@@ -204,7 +204,7 @@ def run_airllm(a) -> dict:
     for name in ("tokenizer.json", "tokenizer_config.json"):  # AirLLM loads a tokenizer; lend it the book model's
         if not (a.model / name).exists():
             shutil.copyfile(book_model_dir() / name, a.model / name)
-    model = AutoModel.from_pretrained(str(a.model), device="cpu", dtype=DTYPES[a.dtype],
+    model = AutoModel.from_pretrained(str(a.model), device="cpu", dtype=parse_dtype(a.dtype),
                                       layer_shards_saving_path=str(shards))  # splits the model once, untimed
     ids = _prompt(a, model.config.vocab_size)
     files = [p for p in shards.rglob("*") if p.is_file()]
@@ -253,7 +253,7 @@ def main(argv=None) -> dict:
     p.add_argument("--small", action="store_true", help="a ~250 MB model, for the chapter")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=16)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--dtype", choices=COMPUTE_DTYPES, default="fp32")
     p.add_argument("--repeat", type=int, default=2, help="timed passes per variant and round (best counts)")
     p.add_argument("--rounds", type=int, default=3, help="measure every variant this many times, interleaved")
     p.add_argument("--json", type=Path, help="write the results here")
@@ -282,7 +282,7 @@ def main(argv=None) -> dict:
     try:
         a.model, a.layers, a.out = work / "model", work / "layers", work / "out"
         a.out.mkdir(parents=True, exist_ok=True)
-        synthetic_llama(a.model, config, dtype=DTYPES[a.dtype], max_shard_size="1GB", progress=False)
+        synthetic_llama(a.model, config, dtype=parse_dtype(a.dtype), max_shard_size="1GB", progress=False)
         split_by_layer(a.model, a.layers, progress=False)
         variants = ["read", "inmemory", "overlap", "stream-prefetch", "stream-no-prefetch", "accelerate-disk"]
         if importlib.util.find_spec("airllm") is not None:

@@ -1,85 +1,97 @@
-"""Tests for helpers.streaming (chapter 08): streamed results equal the in-memory model's."""
+"""Tests for helpers.streaming (chapter 08): streamed results equal the in-memory model's, and a streamer
+cleans up after itself. (Reading the files, ``map_safetensors`` and friends, is tested in test_tensorfiles.py.)"""
 
 import json
+import sys
+import threading
 
 import pytest
 import torch
 
 from helpers.checkpoints import split_by_layer
-from helpers.models import book_model_dir, load_book_model
-from helpers.tensorfiles import drop_page_cache
-from helpers.streaming import LayerStreamer, predicted_peak_bytes
-from helpers.tensorfiles import map_safetensors
+from helpers.streaming import LayerStreamer, Role, llama_blocks, predicted_peak_bytes
+
+IDS = torch.tensor([[504, 3575, 282, 4649, 314]])
 
 
 @pytest.fixture(scope="module")
 def layer_dir(tmp_path_factory):
+    from helpers.models import book_model_dir
+
     return split_by_layer(book_model_dir(), tmp_path_factory.mktemp("split") / "layers", progress=False)
 
 
 @pytest.fixture(scope="module")
-def book():
-    return load_book_model(dtype=torch.float32)
-
-
-@pytest.fixture(scope="module")
 def streamer(layer_dir):
-    s = LayerStreamer(layer_dir, dtype=torch.float32, device="cpu", progress=False)
-    yield s
-    s.close()
+    with LayerStreamer(layer_dir, dtype=torch.float32, device="cpu", progress=False) as s:
+        yield s
 
 
-def _batch(tokenizer, texts, side="right"):
-    tokenizer.padding_side = side
-    return tokenizer(texts, return_tensors="pt", padding=True)
+def reader_threads() -> set:
+    """The streamers' threads alive now (readers and page droppers)."""
+    return {t for t in threading.enumerate() if t.name.startswith(("layer-reader", "page-dropper"))}
 
 
-@pytest.mark.parametrize("populate", [True, False], ids=["populated", "lazy"])
-def test_map_safetensors_matches_safetensors(layer_dir, populate):
-    from safetensors.torch import load_file
-
-    path = layer_dir / "model.layers.0.safetensors"
-    drop_page_cache(path)
-    ours, nbytes = map_safetensors(path, populate=populate)
-    theirs = load_file(path)
-    assert nbytes == path.stat().st_size
-    assert ours.keys() == theirs.keys()
-    for name in ours:
-        assert ours[name].dtype == theirs[name].dtype and torch.equal(ours[name], theirs[name]), name
+def mapped_files(directory) -> set:
+    """The files under ``directory`` this process has memory-mapped now (Linux: /proc/self/maps)."""
+    root = str(directory.resolve())
+    with open("/proc/self/maps") as f:
+        return {fields[5].strip() for fields in (line.split(maxsplit=5) for line in f)
+                if len(fields) == 6 and fields[5].startswith(root)}
 
 
-def test_mapped_tensors_are_copy_on_write(tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    path = tmp_path / "w.safetensors"
-    save_file({"w": torch.arange(4096, dtype=torch.float32)}, path)
-    tensors, _ = map_safetensors(path)
-    tensors["w"].zero_()  # writes to the private mapping only
-    assert torch.equal(load_file(path)["w"], torch.arange(4096, dtype=torch.float32))
+def boom(module, args, output):
+    raise RuntimeError("boom")
 
 
-def test_map_safetensors_rejects_offsets_past_the_end(tmp_path):
-    from safetensors.torch import save_file
-
-    path = tmp_path / "w.safetensors"
-    save_file({"w": torch.zeros(1024)}, path)
-    with open(path, "r+b") as f:
-        f.truncate(path.stat().st_size - 16)
-    with pytest.raises(ValueError, match="w.safetensors.*outside the file"):
-        map_safetensors(path)
-
-
-def test_forward_matches_in_memory_model(book, streamer):
-    model, tok = book
-    batch = _batch(tok, ["The capital of France is", "Once upon a time, there was a"])
+def test_forward_matches_in_memory_model(book_model, streamer):
+    model, tok = book_model
+    batch = tok(["The capital of France is", "Once upon a time, there was a"], return_tensors="pt", padding=True,
+                padding_side="right")
     logits = streamer.forward(batch["input_ids"], batch["attention_mask"])
     with torch.inference_mode():
         ref = model(**batch).logits
     real = batch["attention_mask"].bool()
     assert logits.shape == ref.shape
     torch.testing.assert_close(logits[real], ref[real], rtol=1e-4, atol=1e-4)
-    last = streamer.forward(batch["input_ids"][1:], last_only=True)
+    last = streamer(batch["input_ids"][1:], last_only=True)
     torch.testing.assert_close(last[:, -1], ref[1:, -1], rtol=1e-4, atol=1e-4)
+
+
+def test_blocks_know_their_roles(streamer, tiny_llama_config):
+    n = streamer.config.num_hidden_layers
+    assert [(b.role, b.layer) for b in streamer.blocks] == \
+        [(Role.EMBED, None), *[(Role.LAYER, i) for i in range(n)], (Role.NORM, None), (Role.HEAD, None)]
+    assert streamer.blocks[1].module is streamer.model.model.layers[0]
+
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    with torch.device("meta"):
+        tiny = AutoModelForCausalLM.from_config(tiny_llama_config())
+        gpt2 = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2))
+    names = ["model.embed_tokens", "model.layers.0", "model.layers.1", "model.layers.2", "model.norm", "lm_head"]
+    assert [b.name for b in llama_blocks(tiny, names)] == names
+    with pytest.raises(ValueError, match="not a forward pass in order"):
+        llama_blocks(tiny, [names[0], names[2], names[1], *names[3:]])
+    with pytest.raises(ValueError, match="'model.rotary_emb' is none of"):
+        llama_blocks(tiny, [*names, "model.rotary_emb"])
+    with pytest.raises(ValueError, match="GPT2LMHeadModel is not a Llama-family model"):
+        llama_blocks(gpt2, names)
+
+
+def test_run_pass_runs_any_step_over_every_block(book_model, streamer):
+    model, _ = book_model
+    seen, out = [], {}
+
+    def step(block):  # a policy of its own: only the embedding's output
+        seen.append((block.role, all(p.device.type == "cpu" for p in block.module.parameters())))
+        if block.role is Role.EMBED:
+            out["embedded"] = block.module(IDS).float()
+
+    streamer.run_pass(step, IDS)
+    assert seen == [(b.role, True) for b in streamer.blocks]  # in order, each with its weights loaded
+    with torch.inference_mode():
+        assert torch.equal(out["embedded"], model.model.embed_tokens(IDS))
 
 
 def test_timeline_records_every_block(streamer, layer_dir):
@@ -100,22 +112,20 @@ def test_timeline_records_every_block(streamer, layer_dir):
 
 
 def test_prefetch_on_and_off_identical(layer_dir, streamer):
-    ids = torch.tensor([[504, 3575, 282, 4649, 314]])
-    off = LayerStreamer(layer_dir, dtype=torch.float32, device="cpu", prefetch=False, drop_page_cache=True,
-                        progress=False)
-    assert torch.equal(off.forward(ids), streamer.forward(ids))
-    off.close()
+    with LayerStreamer(layer_dir, dtype="fp32", device="cpu", prefetch=False, drop_page_cache=True,
+                       progress=False) as off:
+        assert off.dtype is torch.float32 and off.cold and not off.prefetch
+        assert torch.equal(off.forward(IDS), streamer.forward(IDS))
 
 
 def test_bytes_per_pass_needs_a_pass(layer_dir):
-    fresh = LayerStreamer(layer_dir, device="cpu", progress=False)
-    with pytest.raises(RuntimeError, match="no pass has run yet"):
-        fresh.bytes_per_pass
-    fresh.close()
+    with LayerStreamer(layer_dir, device="cpu", progress=False) as fresh:
+        with pytest.raises(RuntimeError, match="no pass has run yet"):
+            fresh.bytes_per_pass
 
 
-def test_greedy_generation_identical(book, streamer):
-    model, tok = book
+def test_greedy_generation_identical(book_model, streamer):
+    model, tok = book_model
     x = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                 add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.inference_mode():
@@ -125,9 +135,10 @@ def test_greedy_generation_identical(book, streamer):
     assert "Paris" in tok.decode(out[0, x["input_ids"].shape[1]:])
 
 
-def test_greedy_generation_left_padded_batch(book, streamer):
-    model, tok = book
-    batch = _batch(tok, ["The capital of France is", "Once upon a time, there was"], side="left")
+def test_greedy_generation_left_padded_batch(book_model, streamer):
+    model, tok = book_model
+    batch = tok(["The capital of France is", "Once upon a time, there was"], return_tensors="pt", padding=True,
+                padding_side="left")
     with torch.inference_mode():
         ref = model.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=tok.eos_token_id)
     out = streamer.generate(batch["input_ids"], 4, attention_mask=batch["attention_mask"])
@@ -141,8 +152,8 @@ def test_sampling_is_seeded(streamer):
     assert torch.equal(a, b) and a.shape == (1, 5)
 
 
-def test_score_matches_separate_scoring(book, streamer):
-    model, tok = book
+def test_score_matches_separate_scoring(book_model, streamer):
+    model, tok = book_model
     prefix = tok("Question: what is the capital of France? Answer:", return_tensors="pt")["input_ids"][0]
     suffixes = [tok(s)["input_ids"] for s in [" Paris", " London, I think", " Berlin, of course it is"]]
     scores = streamer.score(prefix, suffixes)
@@ -159,8 +170,10 @@ def test_score_matches_separate_scoring(book, streamer):
 def test_bad_inputs_raise_clear_errors(tmp_path, layer_dir, streamer):
     with pytest.raises(FileNotFoundError, match="layers.index.json"):
         LayerStreamer(tmp_path)
-    with pytest.raises(ValueError, match="dtype"):
+    with pytest.raises(ValueError, match="dtype torch.int8 must be a floating-point dtype"):
         LayerStreamer(layer_dir, dtype=torch.int8)
+    with pytest.raises(ValueError, match="dtype 'float33' is not a torch dtype"):
+        LayerStreamer(layer_dir, dtype="float33")
     with pytest.raises(ValueError, match="input_ids"):
         streamer.forward(torch.tensor([[0.5, 1.0]]))
     with pytest.raises(ValueError, match="vocabulary"):
@@ -175,17 +188,61 @@ def test_bad_inputs_raise_clear_errors(tmp_path, layer_dir, streamer):
         streamer.score(torch.tensor([[1, 2], [3, 4]]), [[5]])
 
 
-def test_predicted_peak_counts_two_consecutive_blocks_and_embedding_rows():
-    from transformers import LlamaConfig
+# --------------------------------------------------------------------------- lifetime: with, close, errors
 
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/maps (Linux)")
+def test_with_block_stops_threads_and_frees_everything(layer_dir):
+    before = reader_threads()
+    with LayerStreamer(layer_dir, dtype=torch.float32, device="cpu", drop_page_cache=True, progress=False) as st:
+        st.forward(IDS)
+        assert len(reader_threads() - before) == 2  # its reader and its page dropper
+    assert reader_threads() <= before  # both stopped
+    assert st.source.closed and st.source.pinned_bytes == 0
+    assert not mapped_files(layer_dir)  # no block's file is still mapped
+    with pytest.raises(RuntimeError, match="closed"):
+        st.forward(IDS)
+    st.close()  # a second close is harmless
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/maps (Linux)")
+def test_an_error_mid_pass_leaves_nothing_behind(layer_dir):
+    before = reader_threads()
+    with LayerStreamer(layer_dir, device="cpu", progress=False) as st:  # stored dtype: weights are file pages
+        reference = st.forward(IDS)
+        hook = st.model.model.layers[1].register_forward_hook(boom)  # while block 2 is being prefetched
+        with pytest.raises(RuntimeError, match="boom") as error:
+            st.forward(IDS)
+        assert all(p.device.type == "meta" for p in st.model.parameters())
+        # neither the failed block's file nor the prefetched one's, even while the error and its traceback
+        # live on (as a notebook keeps the last one)
+        assert error.traceback and not mapped_files(layer_dir)
+        hook.remove()
+        assert torch.equal(st.forward(IDS), reference)  # and the streamer still works
+    with pytest.raises(RuntimeError, match="boom"):  # an error that leaves the with block closes it too
+        with LayerStreamer(layer_dir, device="cpu", progress=False) as st:
+            st.model.model.layers[1].register_forward_hook(boom)
+            st.forward(IDS)
+    assert st.source.closed and reader_threads() <= before
+    assert not mapped_files(layer_dir)
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu_and_frees_its_pinned_buffers(layer_dir, streamer):
+    with LayerStreamer(layer_dir, dtype=torch.float32, device="cuda", progress=False) as st:
+        logits = st.forward(IDS)
+        assert st.source.pinned_bytes > 0  # the two read buffers
+    assert st.source.pinned_bytes == 0
+    torch.testing.assert_close(logits.cpu(), streamer.forward(IDS), rtol=1e-3, atol=1e-3)
+
+
+def test_predicted_peak_counts_two_consecutive_blocks_and_embedding_rows(tiny_llama_config):
     from helpers.arithmetic import activation_bytes, block_bytes
 
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4,
-                         num_hidden_layers=3, vocab_size=5000, tie_word_embeddings=False)
+    config = tiny_llama_config(num_key_value_heads=4, vocab_size=5000)
     blocks, act = block_bytes(config, "fp32"), activation_bytes(config, 2, 8, "fp32")
     layer, table = blocks["model.layers.0"], blocks["model.embed_tokens"]
     assert table > 2 * layer  # the tables are the biggest blocks, but a pass reads only 16 rows of the first
     assert predicted_peak_bytes(config, 2, 8, "fp32", prefetch=False) == table + act  # lm_head alone
     assert predicted_peak_bytes(config, 2, 8, "fp32") == blocks["model.norm"] + table + act  # norm, then lm_head
-    tied = LlamaConfig(**{**config.to_dict(), "tie_word_embeddings": True})
+    tied = tiny_llama_config(num_key_value_heads=4, vocab_size=5000, tie_word_embeddings=True)
     assert predicted_peak_bytes(tied, 2, 8, "fp32") == predicted_peak_bytes(config, 2, 8, "fp32")

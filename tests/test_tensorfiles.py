@@ -58,6 +58,14 @@ def test_three_readers_agree_with_safetensors(tmp_path):
     assert same(lazy, expected)
 
 
+def test_mapped_tensors_are_private_copies_on_write(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_file({"w": torch.arange(4096, dtype=torch.float32)}, path)
+    tensors, _ = tf.map_safetensors(path)
+    tensors["w"].zero_()  # writes to the private mapping only
+    assert torch.equal(load_file(path)["w"], torch.arange(4096, dtype=torch.float32))
+
+
 def test_read_safetensors_reuses_a_big_enough_buffer(tmp_path):
     path = tmp_path / "x.safetensors"
     save_file(MIXED, path)
