@@ -26,7 +26,22 @@ class Stack(nn.Module):
 
 
 def accelerate_map(model, max_memory, no_split, strategy, dtype=None):
-    """What accelerate (and from_pretrained's choice of strategy) gives for the same request."""
+    """What accelerate (and from_pretrained's choice of strategy) gives for the same request.
+
+    accelerate's find_tied_parameters lists tie groups in the order of a set of names, which changes with
+    PYTHONHASHSEED; with two groups its plan can then change from run to run. The planner takes them sorted
+    (meta.tied_parameters), so accelerate is given them sorted too.
+    """
+    from unittest import mock
+
+    import accelerate.utils.modeling as modeling
+
+    real = modeling.find_tied_parameters
+    with mock.patch.object(modeling, "find_tied_parameters", lambda m, **kw: sorted(real(m, **kw))):
+        return _accelerate_map(model, max_memory, no_split, strategy, dtype)
+
+
+def _accelerate_map(model, max_memory, no_split, strategy, dtype=None):
     max_memory = dict(max_memory)
     if strategy != "sequential":
         # Deliberate difference: accelerate 1.15's get_balanced_memory crashes on a "disk" key
