@@ -1,16 +1,23 @@
-"""Dispatch: run a model whose weights live on several devices, in host RAM or on disk.
+"""Dispatch: run a model whose weights live on several devices, in host RAM or on disk. Built in chapter 05.
 
-Built in chapter 05 (hooks and offload); ``plan_device_map`` and ``validate_device_map``
-come from chapter 04 (``helpers.device_map``) and are re-exported here.
+``dispatch(model, device_map, ...)`` is shaped like accelerate's ``dispatch_model``. It checks the whole request
+first (``check_dispatch``: chapter 04's ``validate_device_map``, then what only dispatching needs) and raises one
+``ValueError`` before a tensor moves or a file is written. Then three steps, each a public function:
 
-``dispatch(model, device_map)`` puts two plain PyTorch hooks on every module the map names:
-a forward *pre*-hook that moves the inputs to the module's device and, for an offloaded
-module, brings its weights to the execution device; and a forward hook that puts the
-weights back to ``meta`` (so they stop costing memory) once the module has run.
-"cpu" in a map means "kept in host RAM and attached only while the module runs";
-"disk" means "kept in a safetensors file in ``offload_dir``, read only while it runs".
-With ``prefetch=True`` a background thread reads the *next* offloaded module while the
-current one computes.
+* ``plan``: one ``Entry`` per ``device_map`` key, with the tensors inside it (a ``Tensor`` per tensor object, held by
+  one ``Use`` or, tied, several), where its weights live and where it runs. It touches nothing.
+* ``materialise``: fills meta tensors from ``checkpoint``, writes each "disk" entry to
+  ``offload_folder/<key>.safetensors`` (or reuses the file while its cache key matches), keeps each "cpu" entry's
+  weights in host RAM (pinned when the execution device is a GPU), and leaves every offloaded parameter on ``meta``.
+* ``attach``: two plain PyTorch hooks per entry. The forward *pre*-hook brings an offloaded entry's weights to the
+  execution device and moves the inputs to where the entry runs; the forward hook puts the weights back on ``meta``,
+  so they stop costing memory. With ``prefetch=True`` a background thread loads the *next* offloaded entry while the
+  current one computes.
+
+"cpu" in a map means "kept in host RAM and attached only while the module runs"; "disk" means "kept in a
+safetensors file, read only while the module runs". On the CPU a file is memory-mapped (nothing is copied: the
+weights *are* the page cache's pages); for a GPU it is read with one ``readinto`` into a reused pinned buffer and
+copied on a side stream.
 """
 
 from __future__ import annotations
@@ -20,35 +27,323 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 import torch
 from torch import nn
 
-from helpers.tensorfiles import (KEY_FIELD, cache_key, drop_page_cache, file_key, why_stale, read_safetensors,
-                                 save_safetensors, weight_map, written_by_helpers)
+from helpers.device_map import validate_device_map
+from helpers.meta import is_inside
+from helpers.tensorfiles import (KEY_FIELD, cache_key, file_key, map_safetensors, read_safetensors, save_safetensors,
+                                 weight_map, why_stale, written_by_helpers)
 
-__all__ = ["dispatch", "undispatch", "drop_page_cache", "plan_device_map", "validate_device_map"]
+__all__ = ["dispatch", "undispatch", "check_dispatch", "plan", "materialise", "attach",
+           "Use", "Tensor", "Entry", "Plan", "Dispatcher"]
+
+Device = Union[int, str, torch.device]
+PathLike = Union[str, Path]
 
 
-def __getattr__(name: str):  # chapter 04's planner, imported only when asked for
-    if name in ("plan_device_map", "validate_device_map"):
-        from . import device_map
-        return getattr(device_map, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# --------------------------------------------------------------------------- the records
+
+@dataclass(frozen=True)
+class Use:
+    """One place that holds a tensor: attribute ``attr`` of module ``owner``, which the model calls ``name``."""
+
+    name: str
+    owner: nn.Module = field(repr=False)
+    attr: str
 
 
-# --------------------------------------------------------------------------- moving things
+@dataclass(eq=False)
+class Tensor:
+    """One tensor object and every ``Use`` of it (a tied weight has several); it is known by its first use's name."""
 
-def _to(obj: Any, device: torch.device, non_blocking: bool = False) -> Any:
+    uses: list[Use]
+    is_parameter: bool
+    persistent: bool  # in the state dict, so a checkpoint can hold it (a non-persistent buffer is not)
+
+    @property
+    def name(self) -> str:
+        return self.uses[0].name
+
+    def get(self) -> torch.Tensor:
+        return getattr(self.uses[0].owner, self.uses[0].attr)
+
+    def set(self, value: torch.Tensor, uses: Optional[list[Use]] = None) -> None:
+        """Make every use (or only ``uses``) hold ``value``, one ``Parameter`` for all of them: ties stay ties."""
+        if self.is_parameter and not isinstance(value, nn.Parameter):
+            value = nn.Parameter(value, requires_grad=False)
+        for use in self.uses if uses is None else uses:
+            setattr(use.owner, use.attr, value)
+
+
+@dataclass(eq=False)
+class Entry:
+    """One ``device_map`` key: its module, where it runs, whether its weights are offloaded, and its tensors."""
+
+    name: str
+    module: nn.Module = field(repr=False)
+    runs_on: torch.device
+    offload: Optional[str]  # None (resident on runs_on), "cpu" (host RAM) or "disk" (a file)
+    tensors: list[Tensor] = field(repr=False)  # every tensor with a use inside the module
+    file: Optional[Path] = None  # "disk": its safetensors file
+    host: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # "cpu": its weights in host RAM
+
+    def uses(self, tensor: Tensor) -> list[Use]:
+        """The uses of ``tensor`` inside this entry's module."""
+        return [use for use in tensor.uses if is_inside(use.name, self.name)]
+
+    @property
+    def weights(self) -> list[Tensor]:
+        """What an offloaded entry attaches and detaches: its parameters (its buffers stay where it runs)."""
+        return [t for t in self.tensors if t.is_parameter] if self.offload else []
+
+
+@dataclass(eq=False)
+class Plan:
+    """What ``dispatch`` does to a model: its entries in the order a forward pass meets them, and where they run."""
+
+    model: nn.Module = field(repr=False)
+    entries: list[Entry]
+    execution_device: torch.device  # where offloaded entries run
+    checkpoint: Optional[Path] = None  # where meta tensors are read from
+
+
+# --------------------------------------------------------------------------- checking a request
+
+def _device(value: Device) -> Union[torch.device, str]:
+    """A map value as a device: 0 -> cuda:0, "cpu" -> cpu; "disk" stays "disk". Raises for what is not a device."""
+    if isinstance(value, str) and value == "disk":
+        return "disk"
+    if isinstance(value, bool) or not isinstance(value, (int, str, torch.device)):
+        raise ValueError(f"{value!r} is a {type(value).__name__}, not a device")
+    return torch.device("cuda", value) if isinstance(value, int) else torch.device(value)
+
+
+def _unusable(value: Device) -> Optional[str]:
+    """Why ``value`` cannot hold weights on this machine; None when it can or is no device at all."""
+    try:
+        device = _device(value)
+    except (ValueError, RuntimeError):
+        return None  # not a device at all: validate_device_map reports that
+    if device == "disk":
+        return None
+    if device.type == "meta":
+        return f"{value!r} is the meta device, which holds no data"
+    if device.type not in ("cpu", "cuda"):
+        return f"{value!r}: dispatch runs on 'cpu' and CUDA GPUs, not on {device.type!r}"
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        return f"{value!r} names a GPU this machine does not have ({torch.cuda.device_count()} visible)"
+    return None
+
+
+def _tensors(model: nn.Module) -> list[Tensor]:
+    """Every tensor of ``model`` once, with all its uses: tied weights are one ``Tensor`` with several."""
+    persistent = set(model.state_dict(keep_vars=True))
+    found: dict[int, Tensor] = {}
+    for is_parameter, named in ((True, model.named_parameters(remove_duplicate=False)),
+                                (False, model.named_buffers(remove_duplicate=False))):
+        for name, tensor in named:
+            prefix, _, attr = name.rpartition(".")
+            record = found.setdefault(id(tensor), Tensor([], is_parameter, False))
+            record.uses.append(Use(name, model.get_submodule(prefix), attr))
+            record.persistent |= name in persistent
+    return list(found.values())
+
+
+def _offload_file(folder: PathLike, key: str) -> Path:
+    return Path(folder) / f"{key or 'model'}.safetensors"
+
+
+def _some(names: list[str], n: int = 4) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def _dispatch_problems(model: nn.Module, device_map: Mapping, checkpoint: Optional[PathLike],
+                       offload_folder: Optional[PathLike], execution_device: Optional[Device]) -> list[str]:
+    """What only dispatching needs, beyond what ``validate_device_map`` checks."""
+    problems = []
+    modules, tensors = dict(model.named_modules()), _tensors(model)
+    tensor_names = {use.name for t in tensors for use in t.uses}
+    for key, value in device_map.items():
+        if key not in modules and key in tensor_names:
+            problems.append(f"key {key!r} names a tensor; dispatch hooks whole modules, so map its module "
+                            f"{key.rpartition('.')[0]!r} instead")
+        if (reason := _unusable(value)) is not None:
+            problems.append(f"key {key!r}: {reason}")
+    if execution_device is not None:
+        try:
+            reason = "'disk' cannot compute" if _device(execution_device) == "disk" else _unusable(execution_device)
+        except (ValueError, RuntimeError) as err:
+            reason = f"not a device ({err})"
+        if reason is not None:
+            problems.append(f"execution_device {execution_device!r}: {reason}; expected a GPU index, 'cuda:N' or 'cpu'")
+    keys = [key for key in device_map if isinstance(key, str)]
+    unplaced = [t.name for t in tensors if not t.persistent and not any(is_inside(t.name, k) for k in keys)]
+    if unplaced:  # validate_device_map checks the state dict, which leaves non-persistent buffers out
+        problems.append(f"buffer(s) {_some(unplaced)} are inside no device_map key")
+
+    index = None
+    if checkpoint is not None:
+        try:
+            index = weight_map(checkpoint)[1]
+        except (OSError, ValueError) as err:
+            problems.append(f"checkpoint {str(checkpoint)!r} cannot be read: {err}")
+    empty = [t for t in tensors if t.get().device.type == "meta"]
+    lost = [t.name for t in empty if not t.persistent]
+    if lost:
+        problems.append(f"buffer(s) {_some(lost)} are on meta and no checkpoint stores them; build the model with "
+                        "accelerate.init_empty_weights(), which keeps buffers real")
+    stored = [t for t in empty if t.persistent]
+    if stored and checkpoint is None:
+        problems.append(f"{len(stored)} tensor(s) are on meta (no data), e.g. {_some([t.name for t in stored], 2)}; "
+                        "pass checkpoint= a safetensors file or folder")
+    missing = [t.name for t in stored if index is not None and not any(u.name in index for u in t.uses)]
+    if missing:
+        problems.append(f"{_some(missing)} are on meta and checkpoint {str(checkpoint)!r} has no tensor of that name "
+                        "(a tied weight? call model.tie_weights() first)")
+
+    disk = [key for key, value in device_map.items() if isinstance(value, str) and value == "disk"]
+    if disk and offload_folder is None:
+        problems.append(f"device_map puts {_some(disk)} on 'disk' but offload_folder is None; pass a folder")
+    for key in disk if offload_folder is not None else []:
+        path = _offload_file(offload_folder, key)
+        if path.exists() and not written_by_helpers(path):
+            problems.append(f"{path} exists and was not written by helpers; it will not be overwritten. "
+                            "Choose another offload_folder or move the file away")
+    return problems
+
+
+def check_dispatch(model: nn.Module, device_map: Mapping[str, Device], *, checkpoint: Optional[PathLike] = None,
+                   offload_folder: Optional[PathLike] = None, execution_device: Optional[Device] = None) -> None:
+    """Raise one ``ValueError`` naming every problem of a dispatch request; changes nothing. Built in chapter 05.
+
+    First chapter 04's ``validate_device_map`` (keys, devices, overlaps, coverage, no-split modules, ties on one
+    device), then what only dispatching needs: devices this machine has, modules (not tensors) as keys, every buffer
+    placed, data for every meta tensor, a folder for "disk", and no foreign file where an offload file would go.
+    """
+    if not isinstance(device_map, Mapping):
+        raise ValueError(f"device_map {device_map!r} must be a dict of module name -> device, "
+                         "like {'model.layers.0': 'disk', ...}")
+    try:
+        validate_device_map(model, device_map)
+        sections = []
+    except ValueError as err:
+        sections = [str(err)]
+    problems = _dispatch_problems(model, device_map, checkpoint, offload_folder, execution_device)
+    if problems:
+        sections.append(f"dispatch has {len(problems)} more problem(s):\n  - " + "\n  - ".join(problems))
+    if sections:
+        raise ValueError(f"cannot dispatch {type(model).__name__}:\n" + "\n".join(sections))
+
+
+# --------------------------------------------------------------------------- plan, materialise, attach
+
+def plan(model: nn.Module, device_map: Mapping[str, Device], *, checkpoint: Optional[PathLike] = None,
+         offload_folder: Optional[PathLike] = None, execution_device: Optional[Device] = None) -> Plan:
+    """Decide, touching nothing, where each entry's weights live and where it runs. Built in chapter 05.
+
+    The request must be one ``check_dispatch`` accepts. Entries come in module order, the order a forward pass meets
+    them and prefetching reads them. Offloaded entries run on ``execution_device``, by default the map's first GPU
+    (accelerate's main device), else the CPU. An offloaded entry without parameters has nothing to offload: it
+    stays where it runs.
+    """
+    devices = {key: _device(value) for key, value in device_map.items()}
+    gpus = [d for d in devices.values() if d != "disk" and d.type != "cpu"]
+    execution = _device(execution_device) if execution_device is not None else gpus[0] if gpus else torch.device("cpu")
+    tensors = _tensors(model)
+    entries = []
+    for name, module in model.named_modules():
+        if name not in devices:
+            continue
+        inside = [t for t in tensors if any(is_inside(use.name, name) for use in t.uses)]
+        device = devices[name]
+        offloaded = device == "disk" or device.type == "cpu"
+        offload = ("disk" if device == "disk" else "cpu") if offloaded else None
+        if not any(t.is_parameter for t in inside):
+            offload = None  # only buffers: nothing to offload, they stay where the entry runs
+        runs_on = execution if offloaded else device
+        entries.append(Entry(name, module, runs_on, offload, inside,
+                             file=_offload_file(offload_folder, name) if offload == "disk" else None))
+    return Plan(model, entries, execution, Path(checkpoint) if checkpoint is not None else None)
+
+
+def materialise(plan: Plan) -> Plan:
+    """Give every entry its data; returns ``plan``. Built in chapter 05.
+
+    Resident tensors go to the device their entry runs on (a meta one is read from the checkpoint first); a "disk"
+    entry's parameters are written to its file, unless the file there was made from the same checkpoint; a "cpu"
+    entry's are kept in host RAM. Then every offloaded parameter becomes an empty meta tensor.
+    """
+    root, index = weight_map(plan.checkpoint) if plan.checkpoint is not None else (None, {})
+    shards: dict[str, dict[str, torch.Tensor]] = {}  # checkpoint file -> its tensors, mapped and read in whole
+
+    def data(tensor: Tensor) -> torch.Tensor:
+        value = tensor.get()
+        if value.device.type != "meta":
+            return value.detach()
+        name = next(use.name for use in tensor.uses if use.name in index)
+        if index[name] not in shards:
+            shards[index[name]] = map_safetensors(root / index[name])[0]  # one sequential read per file
+        return shards[index[name]][name].to(value.dtype, copy=True)
+
+    placed: dict[tuple[str, torch.device], torch.Tensor] = {}  # a tensor tied across entries is placed once
+    for entry in plan.entries:
+        for tensor in entry.tensors:
+            if entry.offload and tensor.is_parameter:
+                continue  # an offloaded weight: below
+            if (tensor.name, entry.runs_on) not in placed:
+                value = data(tensor).to(entry.runs_on)
+                placed[tensor.name, entry.runs_on] = nn.Parameter(value, False) if tensor.is_parameter else value
+            tensor.set(placed[tensor.name, entry.runs_on], entry.uses(tensor))
+        if entry.offload == "disk":
+            from_checkpoint = all(t.get().device.type == "meta" for t in entry.weights)
+            key = cache_key(tensors=[[t.name, list(t.get().shape), str(t.get().dtype)] for t in entry.weights],
+                            sources=file_key(*sorted({root / f for f in index.values()})) if from_checkpoint
+                            else os.urandom(8).hex())  # weights from memory: never trust an old file
+            if why_stale(entry.file, key):
+                entry.file.parent.mkdir(parents=True, exist_ok=True)
+                save_safetensors(entry.file, {t.name: data(t) for t in entry.weights}, metadata={KEY_FIELD: key})
+        elif entry.offload == "cpu":
+            pin = plan.execution_device.type == "cuda"  # pinned: copied to the GPU asynchronously
+            entry.host = {t.name: data(t).pin_memory() if pin else data(t) for t in entry.weights}
+    for entry in plan.entries:
+        for tensor in entry.weights:
+            tensor.set(tensor.get().to("meta"), entry.uses(tensor))
+    return plan
+
+
+def attach(plan: Plan, *, prefetch: bool = False, timeline: Optional[list] = None) -> nn.Module:
+    """Register the hooks that run ``plan.model`` with its offloaded entries; returns the model. Built in chapter 05.
+
+    ``prefetch=True`` loads the next offloaded entry on a background thread; ``timeline``, a list, receives a dict
+    per load and per compute (module, kind, start, end, thread).
+    """
+    model, dispatcher = plan.model, Dispatcher(plan, prefetch, timeline)
+    add = dispatcher.handles.append
+    add(model.register_forward_pre_hook(dispatcher.before_model, with_kwargs=True, prepend=True))
+    for entry in plan.entries:
+        add(entry.module.register_forward_pre_hook(partial(dispatcher.before, entry), with_kwargs=True))
+        add(entry.module.register_forward_hook(partial(dispatcher.after, entry)))
+    add(model.register_forward_hook(dispatcher.after_model))
+    model._helpers_dispatcher = dispatcher
+    return model
+
+
+# --------------------------------------------------------------------------- the hooks
+
+def _to(obj: Any, device: torch.device) -> Any:
     """``obj`` with every tensor inside (tuples, lists, dicts, model outputs) on ``device``."""
     if isinstance(obj, torch.Tensor):
-        return obj if obj.device == device else obj.to(device, non_blocking=non_blocking)
+        # non_blocking only towards a GPU: a copy *to* host memory must be finished before anyone reads it
+        return obj if obj.device == device else obj.to(device, non_blocking=device.type == "cuda")
     if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
-        return type(obj)(_to(x, device, non_blocking) for x in obj)
+        return type(obj)(_to(x, device) for x in obj)
     if isinstance(obj, dict):
-        moved = {k: _to(v, device, non_blocking) for k, v in obj.items()}
+        moved = {k: _to(v, device) for k, v in obj.items()}
         return type(obj)(**moved) if type(obj) is not dict and hasattr(obj, "to_tuple") else moved
     return obj
 
@@ -57,333 +352,126 @@ def _first_device(obj: Any) -> Optional[torch.device]:
     if isinstance(obj, torch.Tensor):
         return obj.device
     items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
-    for x in items:
-        if (device := _first_device(x)) is not None:
-            return device
-    return None
+    return next((device for x in items if (device := _first_device(x)) is not None), None)
 
 
-def _device(value: object) -> Union[torch.device, str]:
-    """A map value as a device: 0 -> cuda:0, "cpu" -> cpu, "disk" stays "disk"."""
-    if value == "disk":
-        return "disk"
-    if isinstance(value, bool) or not isinstance(value, (int, str, torch.device)):
-        raise ValueError(f"{value!r} is not a device")
-    device = torch.device("cuda", value) if isinstance(value, int) else torch.device(value)
-    if device.type == "meta":
-        raise ValueError("'meta' holds no data")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"{value!r} names a GPU this machine does not have "
-                         f"({torch.cuda.device_count()} visible)")
-    return device
+class Dispatcher:
+    """What the hooks of one dispatched model share: the plan, the prefetch thread and its loads, the timeline."""
 
-
-# --------------------------------------------------------------------------- checkpoints
-
-def _load_from_checkpoint(root: Path, names: dict[str, str], key: str, dtype: torch.dtype) -> torch.Tensor:
-    from safetensors import safe_open
-    with safe_open(root / names[key], framework="pt") as f:
-        return f.get_tensor(key).to(dtype)
-
-
-# --------------------------------------------------------------------------- the dispatcher
-
-@dataclass(eq=False)
-class _Entry:
-    """One device_map entry: a module, where its weights live, and who uses each weight."""
-    name: str
-    module: nn.Module
-    where: Union[torch.device, str]  # a device (resident), "cpu" (host-offloaded) or "disk"
-    run_on: torch.device
-    params: dict[str, list[tuple[nn.Module, str]]] = field(default_factory=dict)  # canonical -> users
-    store: dict[str, torch.Tensor] = field(default_factory=dict)  # host copies, for "cpu"
-    file: Optional[Path] = None  # for "disk"
-    compute_start: float = 0.0
-
-
-class _Dispatcher:
-    def __init__(self, model: nn.Module, entries: list[_Entry], execution_device: torch.device,
-                 prefetch: bool, timeline: Optional[list]):
-        self.model, self.entries, self.execution_device = model, entries, execution_device
-        self.order = [e for e in entries if e.where in ("cpu", "disk")]  # registration order
-        self.cuda = execution_device.type == "cuda"
-        self.copy_stream = torch.cuda.Stream(execution_device) if self.cuda else None
+    def __init__(self, plan: Plan, prefetch: bool, timeline: Optional[list]):
+        self.timeline, self.device = timeline, plan.execution_device
+        self.offloaded = [entry for entry in plan.entries if entry.offload]  # the order a pass meets them
+        self.cuda = self.device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if prefetch else None
-        self.pending: dict[str, Future] = {}
-        self.timeline = timeline
-        self.handles: list = []
-        self.input_device: Optional[torch.device] = None
-        # Read buffers are reused: touching fresh memory page by page costs more than the read itself.
-        # At most one per load in flight (two with prefetch), each as big as the biggest offloaded entry.
-        self.free_buffers: list[torch.Tensor] = []
-        self.busy_buffers: dict[str, torch.Tensor] = {}
+        self.pending: dict[str, Future] = {}  # entry name -> its load, started ahead
+        self.buffers: list[torch.Tensor] = []  # GPU only: pinned read buffers, reused (one per load in flight)
         self.lock = threading.Lock()
+        self.handles: list = []
+        self.started: dict[str, float] = {}
+        self.input_device: Optional[torch.device] = None
 
-    def _buffer(self) -> Optional[torch.Tensor]:
-        with self.lock:
-            return self.free_buffers.pop() if self.free_buffers else None
+    def load(self, entry: Entry) -> dict[str, torch.Tensor]:
+        """An offloaded entry's weights on the execution device (on the prefetch thread too)."""
+        start = time.perf_counter()
+        if not self.cuda:  # a file is mapped, not copied: the weights are the page cache's pages until released
+            weights = map_safetensors(entry.file)[0] if entry.offload == "disk" else entry.host
+        else:
+            host, buffer = entry.host, None
+            if entry.offload == "disk":  # one readinto into a pinned buffer, reused: fresh pages cost more than reads
+                with self.lock:
+                    spare = self.buffers.pop() if self.buffers else None
+                host, buffer = read_safetensors(entry.file, spare, pin=True)
+            with torch.cuda.stream(self.copy_stream):  # pinned host memory -> GPU, on a side stream
+                weights = {name: t.to(self.device, non_blocking=True) for name, t in host.items()}
+            self.copy_stream.synchronize()  # waited for here (on the prefetch thread), not by the compute
+            if buffer is not None:  # copied: the buffer is free for the next read
+                with self.lock:
+                    self.buffers.append(buffer)
+        self._log(entry.name, "load", start)
+        return weights
 
-    def _give_back(self, buffer: Optional[torch.Tensor]) -> None:
-        if buffer is not None:
-            with self.lock:
-                self.free_buffers.append(buffer)
+    def before(self, entry: Entry, module: nn.Module, args: tuple, kwargs: dict):
+        """Forward pre-hook: attach an offloaded entry's weights, start the next load, move the inputs."""
+        if entry.offload:
+            future = self.pending.pop(entry.name, None)
+            weights = future.result() if future is not None else self.load(entry)
+            for tensor in entry.weights:
+                value = weights[tensor.name]
+                if self.cuda:  # allocated on the copy stream, used on the compute stream
+                    value.record_stream(torch.cuda.current_stream(self.device))
+                tensor.set(value, entry.uses(tensor))
+            self.prefetch_after(entry)
+        self.started[entry.name] = time.perf_counter()
+        return _to(args, entry.runs_on), _to(kwargs, entry.runs_on)
+
+    def after(self, entry: Entry, module: nn.Module, args: tuple, output: Any):
+        """Forward hook: put an offloaded entry's weights back on meta, which releases their memory."""
+        self._log(entry.name, "compute", self.started.pop(entry.name))
+        for tensor in entry.weights:
+            tensor.set(tensor.get().to("meta"), entry.uses(tensor))
+        return output
+
+    def prefetch_after(self, entry: Entry) -> None:
+        """With prefetching on: start loading the offloaded entry after ``entry`` on the background thread."""
+        if self.pool is None:
+            return
+        i = self.offloaded.index(entry) + 1
+        if i < len(self.offloaded) and self.offloaded[i].name not in self.pending:
+            self.pending[self.offloaded[i].name] = self.pool.submit(self.load, self.offloaded[i])
+
+    def before_model(self, model: nn.Module, args: tuple, kwargs: dict):
+        """The model's own pre-hook: remember where the inputs are, and start loading the first offloaded entry."""
+        self.input_device = _first_device((args, kwargs))
+        if self.pool is not None and self.offloaded and self.offloaded[0].name not in self.pending:
+            self.pending[self.offloaded[0].name] = self.pool.submit(self.load, self.offloaded[0])
+        return args, kwargs
+
+    def after_model(self, model: nn.Module, args: tuple, output: Any):
+        """The model's own hook: the output goes back to where the inputs came from."""
+        return _to(output, self.input_device) if self.input_device is not None else output
 
     def _log(self, name: str, kind: str, start: float) -> None:
         if self.timeline is not None:
             self.timeline.append({"module": name, "kind": kind, "start": start, "end": time.perf_counter(),
                                   "thread": threading.current_thread().name})
 
-    def load(self, entry: _Entry) -> dict[str, torch.Tensor]:
-        """An offloaded entry's weights on the execution device (runs on the prefetch thread too)."""
-        start = time.perf_counter()
-        host, buffer = read_safetensors(entry.file, self._buffer(), pin=self.cuda) if entry.where == "disk" else (entry.store, None)
-        if self.cuda:  # pinned host memory -> GPU on a side stream, waited for here, not by compute
-            with torch.cuda.stream(self.copy_stream):
-                out = {k: v.to(self.execution_device, non_blocking=True) for k, v in host.items()}
-            self.copy_stream.synchronize()
-            self._give_back(buffer)  # copied: the host buffer is free again
-        else:  # on the CPU the weights *are* views of the buffer: it is given back in post_hook
-            out = {k: v.to(self.execution_device) for k, v in host.items()}
-            if buffer is not None:
-                with self.lock:
-                    self.busy_buffers[entry.name] = buffer
-        self._log(entry.name, "load", start)
-        return out
 
-    def pre_hook(self, entry: _Entry, module: nn.Module, args: tuple, kwargs: dict):
-        if entry.where in ("cpu", "disk"):
-            future = self.pending.pop(entry.name, None)
-            weights = future.result() if future is not None else self.load(entry)
-            for canonical, users in entry.params.items():
-                tensor = weights[canonical]
-                if self.cuda:
-                    tensor.record_stream(torch.cuda.current_stream(self.execution_device))
-                param = nn.Parameter(tensor, requires_grad=False)
-                for owner, attr in users:
-                    owner._parameters[attr] = param
-            if self.pool is not None:
-                self._prefetch_after(entry)
-        entry.compute_start = time.perf_counter()
-        return _to(args, entry.run_on, self.cuda), _to(kwargs, entry.run_on, self.cuda)
+# --------------------------------------------------------------------------- dispatch and undispatch
 
-    def post_hook(self, entry: _Entry, module: nn.Module, args: tuple, output: Any):
-        self._log(entry.name, "compute", entry.compute_start)
-        if entry.where in ("cpu", "disk"):
-            for users in entry.params.values():
-                for owner, attr in users:  # back to an empty meta tensor: the memory is released
-                    old = owner._parameters[attr]
-                    owner._parameters[attr] = nn.Parameter(old.to("meta"), requires_grad=False)
-            with self.lock:
-                buffer = self.busy_buffers.pop(entry.name, None)
-            self._give_back(buffer)
-        return output
+def dispatch(model: nn.Module, device_map: Mapping[str, Device], *, checkpoint: Optional[PathLike] = None,
+             offload_folder: Optional[PathLike] = None, prefetch: bool = False,
+             execution_device: Optional[Device] = None, timeline: Optional[list] = None) -> nn.Module:
+    """Place ``model`` by ``device_map`` and hook it to run with "cpu" and "disk" entries. Built in chapter 05.
 
-    def _prefetch_after(self, entry: _Entry) -> None:
-        i = self.order.index(entry) + 1
-        if i < len(self.order) and self.order[i].name not in self.pending:
-            self.pending[self.order[i].name] = self.pool.submit(self.load, self.order[i])
-
-    def root_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
-        self.input_device = _first_device((args, kwargs))
-        if self.pool is not None and self.order and self.order[0].name not in self.pending:
-            self.pending[self.order[0].name] = self.pool.submit(self.load, self.order[0])
-        return args, kwargs
-
-    def root_post_hook(self, module: nn.Module, args: tuple, output: Any):
-        if self.input_device is not None and self.input_device.type != "meta":
-            output = _to(output, self.input_device)
-        return output
-
-
-def _tensor_groups(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str, bool]]]:
-    """id(tensor) -> every (full name, owner module, attribute, is_parameter) that holds it: tied weights share one id."""
-    groups: dict[int, list] = {}
-    for prefix, owner in model.named_modules(remove_duplicate=False):
-        for table, is_param in ((owner._parameters, True), (owner._buffers, False)):
-            for attr, tensor in table.items():
-                if tensor is not None:
-                    full = f"{prefix}.{attr}" if prefix else attr
-                    groups.setdefault(id(tensor), []).append((full, owner, attr, is_param))
-    return groups
-
-
-def _tensor_of(users) -> torch.Tensor:
-    _, owner, attr, is_param = users[0]
-    return owner._parameters[attr] if is_param else owner._buffers[attr]
-
-
-def _inside(name: str, key: str) -> bool:
-    return key == "" or name == key or name.startswith(key + ".")
-
-
-def _problems(model, device_map, groups, index, offload_dir, execution_device) -> list[str]:
-    """Everything wrong with a dispatch request, found before any tensor moves or file is written."""
-    problems: list[str] = []
-    if not isinstance(device_map, Mapping) or not device_map:
-        return [f"device_map {device_map!r} must be a non-empty dict like {{'model.layers.0': 'disk', ...}}"]
-    modules = dict(model.named_modules())
-    for key, value in device_map.items():
-        if key not in modules:
-            problems.append(f"key {key!r} names no module of {type(model).__name__}")
-        try:
-            _device(value)
-        except (ValueError, RuntimeError) as err:
-            problems.append(f"{key!r}: {value!r} is not a device ({err}); expected a GPU index, "
-                            "'cuda:N', 'cpu' or 'disk'")
-    keys = sorted(device_map)
-    for a in keys:
-        for b in keys:
-            if a != b and _inside(b, a):
-                problems.append(f"keys {a!r} and {b!r} overlap: {b!r} is inside {a!r}")
-    for users in groups.values():
-        for full, owner, attr, is_param in users:
-            if not any(_inside(full, key) for key in device_map):
-                problems.append(f"{full} is not covered by any device_map key")
-            if _tensor_of([(full, owner, attr, is_param)]).device.type == "meta":
-                persistent = is_param or attr not in owner._non_persistent_buffers_set
-                if not persistent:
-                    problems.append(f"buffer {full} is on meta and no checkpoint stores it; build the model "
-                                    "with accelerate.init_empty_weights(), which keeps buffers real")
-                elif index is None:
-                    problems.append(f"{full} is on meta (no data); pass checkpoint= a safetensors folder")
-                elif not any(name in index for name, *_ in users):
-                    problems.append(f"{full} is on meta and checkpoint has no tensor named {full} "
-                                    "(a tied weight? call model.tie_weights() first)")
-    if "disk" in device_map.values() and offload_dir is None:
-        problems.append("device_map puts modules on 'disk' but offload_dir is None; pass a folder")
-    if execution_device is not None:
-        try:
-            if _device(execution_device) == "disk":
-                raise ValueError("disk cannot compute")
-        except (ValueError, RuntimeError) as err:
-            problems.append(f"execution_device {execution_device!r} is not a device ({err})")
-    return sorted(set(problems), key=problems.index)
-
-
-def dispatch(model: nn.Module, device_map: Mapping[str, Union[int, str, torch.device]], *,
-             checkpoint: Union[str, Path, None] = None, offload_dir: Union[str, Path, None] = None,
-             prefetch: bool = False, execution_device: Union[int, str, torch.device, None] = None,
-             timeline: Optional[list] = None) -> nn.Module:
-    """Place ``model`` by ``device_map`` and hook it so it runs with CPU- and disk-offloaded modules. Built in chapter 05.
-
-    Meta tensors are filled from ``checkpoint`` (a safetensors folder); "disk" modules are kept in
-    ``offload_dir/<module>.safetensors`` (reused when still valid); ``prefetch=True`` reads the next
-    offloaded module on a background thread; ``timeline``, a list, receives load/compute intervals.
+    Checks everything first and raises one ``ValueError`` (``check_dispatch``); then ``plan``, ``materialise``,
+    ``attach``. Meta tensors are read from ``checkpoint`` (a safetensors file or folder); "disk" entries are kept in
+    ``offload_folder/<key>.safetensors``; ``prefetch=True`` loads the next offloaded entry on a background thread;
+    ``timeline``, a list, receives load and compute intervals. Returns the model; ``undispatch`` undoes it all.
     """
     if hasattr(model, "_helpers_dispatcher"):
-        raise ValueError("model is already dispatched; call undispatch(model) first")
-    checkpoint = Path(checkpoint) if checkpoint is not None else None
-    root, index = weight_map(checkpoint) if checkpoint is not None else (None, None)
-    offload_dir = Path(offload_dir) if offload_dir is not None else None
-    groups = _tensor_groups(model)
-    problems = _problems(model, device_map, groups, index, offload_dir, execution_device)
-    devices = {key: _device(value) for key, value in device_map.items()} if not problems else {}
-    accelerators = [d for d in devices.values() if d not in ("cpu", "disk") and d.type != "cpu"]
-    run_device = (_device(execution_device) if execution_device is not None
-                  else accelerators[0] if accelerators else torch.device("cpu")) if not problems else None
-    targets = {key: offload_dir / f"{key or 'model'}.safetensors" for key, d in devices.items() if d == "disk"}
-    for key, path in targets.items():
-        if path.exists() and not written_by_helpers(path):
-            problems.append(f"{path} exists and was not written by helpers; it will not be overwritten. "
-                            "Choose another offload_dir or move the file away")
-    if problems:
-        raise ValueError("cannot dispatch:\n  - " + "\n  - ".join(problems))
-
-    entries = []
-    for name, module in model.named_modules():  # registration order = the order of prefetching
-        if name not in devices:
-            continue
-        where = devices[name]
-        where = "cpu" if where != "disk" and where.type == "cpu" else where
-        if where in ("cpu", "disk") and next(module.parameters(), None) is None:
-            where = run_device  # nothing to offload (e.g. only buffers): keep it where it runs
-        entries.append(_Entry(name, module, where, run_device if where in ("cpu", "disk") else where))
-    if offload_dir is not None and targets:
-        offload_dir.mkdir(parents=True, exist_ok=True)
-
-    def source(users) -> torch.Tensor:
-        tensor = _tensor_of(users)
-        if tensor.device.type != "meta":
-            return tensor.detach()
-        key = next(n for n, *_ in users if n in index)
-        return _load_from_checkpoint(root, index, key, tensor.dtype)
-
-    for entry in entries:
-        mine = {id_: [u for u in users if _inside(u[0], entry.name)] for id_, users in groups.items()}
-        mine = {id_: users for id_, users in mine.items() if users}
-        host: dict[str, torch.Tensor] = {}
-        for id_, users in mine.items():
-            canonical, is_param = users[0][0], users[0][3]
-            if entry.where in ("cpu", "disk") and is_param:
-                entry.params[canonical] = [(owner, attr) for _, owner, attr, _ in users]
-                continue
-            tensor = source(groups[id_]).to(entry.run_on)  # resident: weights and all buffers
-            value = nn.Parameter(tensor, requires_grad=False) if is_param else tensor
-            for _, owner, attr, _ in users:
-                (owner._parameters if is_param else owner._buffers)[attr] = value
-        if entry.where == "disk":
-            entry.file = targets[entry.name]
-            from_memory = any(_tensor_of(groups[i]).device.type != "meta" for i in mine if mine[i][0][3])
-            spec = [[users[0][0], list(_tensor_of(users).shape), str(_tensor_of(users).dtype)]
-                    for users in mine.values() if users[0][3]]
-            sources = os.urandom(8).hex() if from_memory else file_key(*sorted({root / f for f in index.values()}))
-            key = cache_key(tensors=spec, sources=sources)
-            if why_stale(entry.file, key):
-                host = {users[0][0]: source(groups[i]) for i, users in mine.items() if users[0][3]}
-                save_safetensors(entry.file, host, metadata={KEY_FIELD: key})
-        elif entry.where == "cpu":
-            for i, users in mine.items():
-                if users[0][3]:
-                    tensor = source(groups[i])
-                    entry.store[users[0][0]] = tensor.pin_memory() if run_device.type == "cuda" else tensor
-    for entry in entries:  # offloaded weights become empty meta tensors between calls
-        for users in entry.params.values():
-            for owner, attr in users:
-                owner._parameters[attr] = nn.Parameter(owner._parameters[attr].to("meta"), requires_grad=False)
-
-    dispatcher = _Dispatcher(model, entries, run_device, prefetch, timeline)
-    dispatcher.ties = [[(owner, attr) for _, owner, attr, _ in users]
-                       for users in groups.values() if len(users) > 1 and users[0][3]]
-    add = dispatcher.handles.append
-    add(model.register_forward_pre_hook(dispatcher.root_pre_hook, with_kwargs=True, prepend=True))
-    for entry in entries:
-        add(entry.module.register_forward_pre_hook(
-            lambda m, a, k, e=entry: dispatcher.pre_hook(e, m, a, k), with_kwargs=True))
-        add(entry.module.register_forward_hook(lambda m, a, o, e=entry: dispatcher.post_hook(e, m, a, o)))
-    add(model.register_forward_hook(dispatcher.root_post_hook))
-    model._helpers_dispatcher = dispatcher
-    if isinstance(getattr(type(model), "device", None), property):
-        # transformers' model.device is "the first parameter's device": meta if that one is
-        # offloaded. Tell it the execution device instead (undone by undispatch).
-        dispatcher.original_class = type(model)
-        model.__class__ = type(type(model).__name__, (type(model),), {"device": property(lambda self: run_device)})
-    return model
+        raise ValueError(f"this {type(model).__name__} is already dispatched; call undispatch(model) first")
+    request = dict(checkpoint=checkpoint, offload_folder=offload_folder, execution_device=execution_device)
+    check_dispatch(model, device_map, **request)
+    return attach(materialise(plan(model, device_map, **request)), prefetch=prefetch, timeline=timeline)
 
 
 def undispatch(model: nn.Module) -> nn.Module:
-    """Remove every hook ``dispatch`` added and put offloaded weights back in host RAM (ties kept). Built in chapter 05."""
+    """Remove every hook ``dispatch`` added; offloaded weights come back to host RAM, ties kept. Built in chapter 05."""
     dispatcher = getattr(model, "_helpers_dispatcher", None)
     if dispatcher is None:
-        raise ValueError("model was not dispatched by helpers.dispatch.dispatch")
+        raise ValueError(f"this {type(model).__name__} was not dispatched by helpers.dispatch.dispatch")
     for handle in dispatcher.handles:
         handle.remove()
     if dispatcher.pool is not None:
         dispatcher.pool.shutdown(wait=True)
     dispatcher.pending.clear()
-    dispatcher.free_buffers.clear()
-    restored: dict[str, nn.Parameter] = {}
-    for entry in dispatcher.order:
-        host = read_safetensors(entry.file)[0] if entry.where == "disk" else entry.store
-        for canonical, users in entry.params.items():
-            if canonical not in restored:
-                restored[canonical] = nn.Parameter(host[canonical].to("cpu"), requires_grad=False)
-            for owner, attr in users:
-                owner._parameters[attr] = restored[canonical]
-    for users in dispatcher.ties:  # tied weights: every user shares one tensor again
-        value = next((o._parameters[a] for o, a in users if o._parameters[a].device.type != "meta"), None)
-        for owner, attr in users:
-            owner._parameters[attr] = value
-    if getattr(dispatcher, "original_class", None) is not None:
-        model.__class__ = dispatcher.original_class
+    restored: set[str] = set()
+    for entry in dispatcher.offloaded:
+        weights = read_safetensors(entry.file)[0] if entry.offload == "disk" else entry.host
+        for tensor in entry.weights:
+            if tensor.name not in restored:  # every use, inside this entry or not: one Parameter, ties restored
+                tensor.set(weights[tensor.name].to("cpu"))
+                restored.add(tensor.name)
     del model._helpers_dispatcher
     return model
