@@ -138,7 +138,8 @@ def chat(model, tokenizer, question: str, max_new_tokens: int = 32) -> str:
     messages = [{"role": "user", "content": question}]
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                            return_tensors="pt", return_dict=True)
-    inputs = {k: v.to(model.device) for k, v in inputs.items()}
+    if model.device.type != "meta":  # a dispatched model (chapter 05) may report meta: its hooks move the inputs
+        inputs = {k: v.to(model.device) for k, v in inputs.items()}
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.eos_token_id)

@@ -37,7 +37,7 @@ import torch
 __all__ = [
     "ST_DTYPES", "CheckpointError", "Header", "read_header", "tensor_views", "read_safetensors", "map_safetensors",
     "touch_rows", "drop_page_cache", "atomic_file", "write_json", "write_safetensors", "save_safetensors",
-    "staging_dir", "file_key", "cache_key", "write_manifest", "why_stale", "written_by_helpers",
+    "staging_dir", "MANIFEST", "KEY_FIELD", "file_key", "cache_key", "write_manifest", "why_stale", "written_by_helpers",
     "INDEX", "SINGLE", "weight_map", "pack_shards", "shard_name", "save_sharded",
     "LAYERS_INDEX", "LAYERS_FORMAT", "LayerIndex", "read_layer_index",
 ]
