@@ -11,7 +11,6 @@ Built in chapter 00 (setup); every later chapter loads its models from here.
 from __future__ import annotations
 
 import copy
-import hashlib
 import importlib.util
 import os
 import shutil
@@ -212,7 +211,7 @@ def synthetic_llama(path: Union[str, Path], config, *, seed: int = 0, dtype: tor
         raise ValueError(f"dtype {dtype!r} must be one of {', '.join(map(str, floats))}")
     path = Path(path)
     key = cache_key(kind="synthetic_llama", seed=seed, dtype=str(dtype), max_shard_size=shard_bytes,
-                    config=hashlib.sha256(config.to_json_string(use_diff=False).encode()).hexdigest())
+                    config=config.to_json_string(use_diff=False))
     if path.exists():
         if not why_stale(path, key):
             return path

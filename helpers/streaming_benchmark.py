@@ -33,7 +33,7 @@ import torch
 
 from helpers.memory import format_size, measure, parse_size
 from helpers.meta import parse_dtype
-from helpers.tensorfiles import drop_page_cache, map_safetensors, read_layer_index, read_safetensors
+from helpers.tensorfiles import drop_page_cache, map_safetensors, read_layer_index, read_safetensors, write_json
 
 COMPUTE_DTYPES = ("fp32", "bf16")  # --dtype: what the weights are stored and computed in (helpers.meta.parse_dtype)
 BIG = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=16, num_key_value_heads=16,
@@ -324,9 +324,7 @@ def main(argv=None) -> dict:
             report["airllm_vs_stream"] = results["airllm"]["seconds"] / stream["seconds"]
     print_table(report)
     if a.json:
-        tmp = a.json.with_name(a.json.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=1))
-        os.replace(tmp, a.json)
+        write_json(a.json, report)
     return report
 
 
