@@ -17,7 +17,7 @@ from helpers import tensorfiles
 from helpers.checkpoints import CheckpointError
 from helpers.tensorfiles import INDEX, ST_DTYPES, read_header, read_layer_index
 from helpers.memory import measure
-from helpers.models import book_model_dir, synthetic_llama
+from helpers.models import synthetic_llama
 
 TINY = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
@@ -131,8 +131,8 @@ def test_untied_model_needs_lm_head(tiny, tiny_untied):
     assert len(e.value.problems) == 1 and "missing key 'lm_head.weight'" in str(e.value)
 
 
-def test_validate_book_model():
-    path = book_model_dir()
+def test_validate_book_model(book_dir):
+    path = book_dir
     info = ck.validate_checkpoint(path, meta_model(path, torch.float16))
     assert len(info.shard_bytes) == 3 and info.total_params == 134_515_008
 
@@ -376,8 +376,8 @@ def test_split_peak_ram_is_about_one_block(tmp_path):
     assert m.cpu_peak_bytes < largest + 6 * 2**20, (m.cpu_peak_bytes, largest)  # ...the peak is not
 
 
-def test_split_book_model(tmp_path):
-    src = book_model_dir()
+def test_split_book_model(tmp_path, book_dir):
+    src = book_dir
     out = ck.split_by_layer(src, tmp_path / "layers", progress=False)
     index = read_layer_index(out)
     assert len(index.blocks) == 30 + 3 and index.tied == {"lm_head.weight": "model.embed_tokens.weight"}

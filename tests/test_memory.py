@@ -1,6 +1,5 @@
 """helpers.memory: size strings and the peak-memory probe."""
 
-import numpy as np
 import pytest
 from accelerate.utils import convert_file_size_to_int
 

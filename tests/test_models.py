@@ -10,18 +10,13 @@ from transformers import LlamaConfig
 
 import helpers.models as models
 from helpers.tensorfiles import MANIFEST, pack_shards, shard_name
-from helpers.memory import format_size, measure
+from helpers.memory import format_size
 
 TINY = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
             num_key_value_heads=2, vocab_size=4096, max_position_embeddings=512)
 
 
 # --------------------------------------------------------------------------- the real book model
-
-@pytest.fixture(scope="module")
-def book_dir():
-    return models.book_model_dir()
-
 
 def test_book_model_is_a_sharded_fp16_checkpoint(book_dir):
     shards = sorted(book_dir.glob("model-*.safetensors"))
@@ -63,8 +58,8 @@ def test_a_cache_from_an_older_layout_is_rebuilt(fake_cache):
     assert json.loads((first / MANIFEST).read_text())["info"]["layout"] == models.BOOK_MODEL_LAYOUT
 
 
-def test_book_model_answers_paris(book_dir):
-    model, tokenizer = models.load_book_model()
+def test_book_model_answers_paris(book_model):
+    model, tokenizer = book_model
     assert tokenizer.chat_template
     assert models.chat(model, tokenizer, "What is the capital of France?") == "The capital of France is Paris."
 
