@@ -8,8 +8,8 @@ from accelerate import init_empty_weights
 from accelerate.utils import find_tied_parameters
 from torch import nn
 
-from helpers.meta import (count_parameters, is_inside, parameter_bytes, parse_dtype, record_parameter_registrations,
-                          tensor_devices, tied_parameters)
+from helpers.meta import (count_parameters, functions_called, is_inside, parameter_bytes, parse_dtype,
+                          record_parameter_registrations, tensor_devices, tied_parameters)
 
 
 class TiedLM(nn.Module):
@@ -112,3 +112,38 @@ def test_parse_dtype_names_the_value_and_what_it_expects(bad):
     with pytest.raises(ValueError, match="expected a torch.dtype") as err:
         parse_dtype(bad)
     assert repr(bad) in str(err.value) and "'bf16'" in str(err.value)
+
+
+def test_functions_called_names_what_ran_inside_a_package():
+    import json
+
+    result, called = functions_called(json, json.dumps, {"a": [1, 2]}, indent=1)
+    assert result == '{\n "a": [\n  1,\n  2\n ]\n}'
+    assert "dumps" in called and "encoder.encode" in called
+    assert all(not name.split(".")[-1].startswith(("_", "<")) for name in called)
+    _, none = functions_called(json, sum, [1, 2])      # nothing of json ran
+    assert none == []
+
+
+def test_functions_called_sees_accelerate_under_from_config(tiny_llama_config):
+    import accelerate
+    from accelerate import init_empty_weights as empty
+    from transformers import AutoModelForCausalLM
+
+    def build():
+        with empty():
+            return AutoModelForCausalLM.from_config(tiny_llama_config())
+
+    model, called = functions_called(accelerate, build)
+    assert "big_modeling.init_empty_weights" in called and "big_modeling.init_on_device" in called
+    assert tensor_devices(model, buffers=False) == {"meta": len(list(model.parameters()))}
+
+
+@pytest.mark.parametrize("package, fn", [("json", len), (len, len)])
+def test_functions_called_rejects_what_is_not_a_package_or_callable(package, fn):
+    import json
+
+    with pytest.raises(TypeError, match="must be"):
+        functions_called(json.decoder if package == "json" else package, fn)
+    with pytest.raises(TypeError, match="fn .* must be callable"):
+        functions_called(json, "not callable")
