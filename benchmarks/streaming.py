@@ -1,10 +1,16 @@
 """Chapter 08's benchmark, from a checkout: the same as ``python -m helpers.streaming_benchmark``.
 
 The benchmark lives in the package (helpers/streaming_benchmark.py) so that readers who installed only
-``helpers`` run it too; see that module for what it measures and its options.
+``helpers`` run it too; see that module for what it measures and its options (``--help``). On a GPU machine:
+``python benchmarks/streaming.py --device cuda --small --rounds 1 --json report.json``.
 """
 
-from helpers.streaming_benchmark import main
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout's helpers, installed or not
+
+from helpers.streaming_benchmark import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

@@ -5,13 +5,20 @@ Built in chapter 08, in two parts that meet at one seam:
 * ``BlockSource``: *what* to read and *from where*. It reads the per-layer files that
   ``helpers.checkpoints.split_by_layer`` writes (chapter 03) and puts each block's weights on the device:
   memory-mapped on the CPU (no copy; an embedding reads only the rows a pass looks up), through two pinned
-  buffers and a side stream on CUDA. A reader thread reads block i + 1 while block i computes.
+  buffers and a side stream on CUDA (each buffer guarded by a CUDA event, each block handed to the compute
+  stream by another). A reader thread reads block i + 1 while block i computes.
 * ``LayerStreamer``: the *pass*. The model's skeleton lives on the ``meta`` device, each block knowing its
   ``Role`` in a Llama-family forward pass. One engine (``run_pass``) takes each block from the source, runs
   the whole batch through it and sends it back to ``meta``; ``forward``, ``generate`` and ``score`` are
   policies over that engine, each a ``step`` with its own small state.
 
-At most two blocks of weights are resident, plus the activations and the KV cache.
+At most two blocks of weights are resident, plus the activations and the KV cache. It runs the Llama family:
+Llama, and Mistral and Qwen2, whose decoder layers are Llama's with other names (``SUPPORTED_MODEL_TYPES``);
+any other ``model_type`` is refused before a weight is read.
+
+Every public result is on the CPU: ``forward``'s logits and ``score``'s scores in float32, ``generate``'s ids
+in int64, whatever the compute device, so that they compare directly with any reference. ``h2d_bandwidth``
+measures the host-to-device link the CUDA path crosses.
 """
 
 from __future__ import annotations
@@ -30,7 +37,71 @@ import torch
 from helpers import tensorfiles
 from helpers.meta import parse_dtype
 
-__all__ = ["BlockSource", "LoadedBlock", "Role", "Block", "llama_blocks", "LayerStreamer", "predicted_peak_bytes"]
+__all__ = ["BlockSource", "LoadedBlock", "Role", "Block", "llama_blocks", "LayerStreamer", "predicted_peak_bytes",
+           "h2d_bandwidth", "SUPPORTED_MODEL_TYPES", "check_architecture"]
+
+# model_type -> why its decoder layers run unchanged under LayerStreamer's Llama forward
+SUPPORTED_MODEL_TYPES = {
+    "llama": "the reference",
+    "mistral": "Llama's layer; a sliding window, when set, is checked against every pass's length",
+    "qwen2": "Llama's layer with biases on q, k and v (weights like any other); sliding layers are checked as Mistral's",
+}
+
+
+def check_architecture(config) -> Optional[int]:
+    """Refuse a config whose layers ``LayerStreamer``'s Llama forward would compute wrongly; return its sliding
+    window (the longest sequence, cache included, a pass may have), or None when attention is plain causal.
+
+    ``ValueError`` naming the ``model_type`` for anything outside ``SUPPORTED_MODEL_TYPES`` (Gemma, for one,
+    scales its embeddings and norms differently) or for layer types other than full and sliding attention.
+    Built in chapter 08.
+    """
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"model_type {model_type!r} is not supported by LayerStreamer, which computes a Llama-family "
+                         f"forward pass; supported: {', '.join(sorted(SUPPORTED_MODEL_TYPES))}")
+    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if not layer_types <= {"full_attention", "sliding_attention"}:
+        raise ValueError(f"model_type {model_type!r} with layer_types {sorted(layer_types)}: LayerStreamer runs "
+                         "full (and, up to the window, sliding) attention only")
+    window = getattr(config, "sliding_window", None)
+    if model_type == "mistral" or "sliding_attention" in layer_types:
+        return window
+    return None
+
+
+def h2d_bandwidth(nbytes: int = 256 * 2**20, *, pinned: bool = True, device: Union[str, torch.device] = "cuda",
+                  repeat: int = 5) -> float:
+    """Host-to-device copy bandwidth in bytes/s: ``nbytes`` copied from a pinned (or pageable) CPU tensor to
+    ``device``, timed with CUDA events, best of ``repeat`` after one warm-up copy. Built in chapter 08.
+
+    Pinned memory is what the streamer's read buffers are: the GPU's copy engine reads it directly (and
+    asynchronously); pageable memory is staged through a pinned bounce buffer by the driver.
+    """
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 1:
+        raise ValueError(f"nbytes {nbytes!r} must be an int >= 1 (bytes to copy)")
+    if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+        raise ValueError(f"repeat {repeat!r} must be an int >= 1")
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"device {str(device)!r} is not a CUDA device; h2d_bandwidth measures a host-to-GPU copy")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} asks for CUDA, but torch.cuda.is_available() is False: "
+                         "h2d_bandwidth needs a CUDA GPU")
+    host = torch.ones(nbytes, dtype=torch.uint8, pin_memory=pinned)
+    target = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    stream = torch.cuda.current_stream(device)
+    target.copy_(host, non_blocking=pinned)  # warm up: the copy engine, the driver's staging buffers
+    torch.cuda.synchronize(device)
+    best = float("inf")
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        target.copy_(host, non_blocking=pinned)
+        end.record(stream)
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3)  # elapsed_time is in milliseconds
+    return nbytes / best
 
 
 def predicted_peak_bytes(config, batch_size: int, seq_len: int, dtype, *, prefetch: bool = True) -> int:
@@ -62,7 +133,7 @@ class LoadedBlock:
     index: int  # the block's place in execution order
     state: dict[str, torch.Tensor] = field(repr=False)  # name inside the block -> tensor (see BlockSource.take)
     bytes: int  # bytes read from disk for it
-    event: Optional[torch.cuda.Event]  # CUDA: marks the end of its copy on the side stream; else None
+    event: Optional[torch.cuda.Event]  # CUDA: marks the end of its copy (and conversion) on the side stream
     read_start: float  # time.perf_counter() when the read began
     read_end: float  # ... and when it ended
 
@@ -75,6 +146,13 @@ class BlockSource:
     the blocks in execution order, reading block i + 1 in the reader thread while the caller computes
     block i (``prefetch``); ``cold`` forgets each block's file pages once it is done, so that every pass
     reads the disk (Linux). Close it (``close()`` or ``with``) to stop its threads and free its buffers.
+
+    On CUDA, two rules keep the streams honest without ever synchronizing the whole device. A pinned read
+    slot is overwritten only after the CUDA event recorded behind its last host-to-device copy has fired
+    (``load`` waits on it in the reader thread), so a read never clobbers bytes a copy still needs. A block's
+    tensors are allocated on the copy stream and used on the compute stream: ``take`` makes the compute stream
+    wait for the copy's event and marks each tensor ``record_stream(compute stream)``, so the caching
+    allocator does not hand its memory to the next copy before the compute that uses it has finished.
     """
 
     def __init__(self, layer_dir: Union[str, Path], *, device: torch.device, dtype: torch.dtype,
@@ -92,6 +170,8 @@ class BlockSource:
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-reader")
         self._dropper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="page-dropper")
         self._slots: list[Optional[torch.Tensor]] = [None, None]  # two pinned read buffers (CUDA), used in turn
+        # CUDA: per slot, the event recorded after the last host-to-device copy out of it was issued
+        self._slot_events: list[Optional[torch.cuda.Event]] = [None, None]
         self.closed = False
 
     def _files_of(self, name: str) -> list[tuple[Path, dict[str, str]]]:
@@ -131,6 +211,9 @@ class BlockSource:
                 header_bytes = path.stat().st_size - sum(t.nbytes for t in tensors.values())
                 n = header_bytes + tensorfiles.touch_rows(tensors, rows)
             elif self.cuda:  # one readinto into a reused pinned buffer
+                if len(files) == 1 and self._slot_events[i % 2] is not None:
+                    # the slot's previous block (i - 2) may still be crossing PCIe: wait for that copy only
+                    self._slot_events[i % 2].synchronize()
                 tensors, _ = tensorfiles.read_safetensors(path, self._slot(i) if len(files) == 1 else None, pin=True)
                 n = path.stat().st_size
             else:
@@ -142,7 +225,14 @@ class BlockSource:
         if self.cuda:  # copy on a side stream, so that it overlaps the previous block's compute
             with torch.cuda.stream(self._copy_stream):
                 state = {k: v.to(self.device, non_blocking=True) for k, v in state.items()}
-                event = torch.cuda.Event()
+                copied = torch.cuda.Event()
+                copied.record(self._copy_stream)  # the slot is free again once this fires
+                if len(files) == 1:
+                    self._slot_events[i % 2] = copied
+                # convert on the copy stream too: the stored-dtype copy is allocated, read and freed on this one
+                # stream, so its memory is reused only in stream order (bf16 files computed in fp16, say)
+                state = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in state.items()}
+                event = torch.cuda.Event(enable_timing=True)
                 event.record(self._copy_stream)
         elif not lookup:
             state = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in state.items()}
@@ -151,11 +241,14 @@ class BlockSource:
     def take(self, loaded: LoadedBlock) -> dict[str, torch.Tensor]:
         """Hand a loaded block's tensors to the compute, ``loaded`` keeping none of them (so they are freed when
         the module that takes them goes back to ``meta``). On CUDA the compute stream, not the CPU, waits for
-        the copy; then the tensors are converted to the compute dtype."""
+        the copy (already in the compute dtype), and each tensor is recorded as used by the compute stream:
+        when it is freed, the allocator reuses its memory only after the compute queued so far has run."""
         state, loaded.state = loaded.state, {}
         if loaded.event is not None:
-            torch.cuda.current_stream(self.device).wait_event(loaded.event)
-            state = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in state.items()}
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(loaded.event)
+            for tensor in state.values():
+                tensor.record_stream(compute)
         return state
 
     def release(self, i: int) -> Optional[Future]:
@@ -205,7 +298,7 @@ class BlockSource:
         self.closed = True
         self._reader.shutdown(wait=True)
         self._dropper.shutdown(wait=True)
-        self._slots = [None, None]
+        self._slots, self._slot_events = [None, None], [None, None]
 
     def __enter__(self) -> "BlockSource":
         return self
@@ -289,6 +382,7 @@ class ScoreState:
     prefix: Optional[torch.Tensor] = None  # (1, P, hidden) activations of the prefix
     suffixes: Optional[torch.Tensor] = None  # (n, S, hidden) activations of the suffixes
     prefix_embeddings: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # rotary cos, sin at 0 .. P - 1
+    prefix_mask: Optional[torch.Tensor] = None  # the prefix's causal mask (None: the attention's own causal path)
     suffix_embeddings: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # ... at P .. P + S - 1
     hidden: Optional[torch.Tensor] = None  # (n, 1 + S, hidden) after the norm: the prefix's last token, then the suffix
     scores: Optional[torch.Tensor] = None  # (n,) float32
@@ -300,15 +394,24 @@ class LayerStreamer:
     ``device``: where blocks compute (default CUDA when present, else CPU). ``dtype``: compute dtype, as
     ``helpers.meta.parse_dtype`` reads it (default: the checkpoint's). ``prefetch``: read block i + 1 in a
     background thread while block i computes. ``drop_page_cache``: forget each block's file pages once the
-    block is done, so that every pass reads the disk (Linux); kept as ``cold``.
+    block is done, so that every pass reads the disk (Linux); kept as ``cold``. ``attn_implementation``:
+    transformers' attention ("sdpa", "eager", ...; default: transformers' choice for the config).
+    Results are on the CPU whatever ``device``: ``forward`` float32 logits, ``score`` float32 scores,
+    ``generate`` int64 ids.
     After each pass, ``timeline`` holds one record per block: ``block``, ``bytes``, ``read_start``,
-    ``read_end``, ``compute_start``, ``compute_end`` (seconds since the pass started).
+    ``read_end``, ``compute_start``, ``compute_end`` (seconds since the pass started). On the CPU all four
+    are host clock times. On CUDA, ``read_start`` is host time and the other three come from CUDA events
+    (``read_end``: the block's copy and conversion done on the copy stream; ``compute_*``: its kernels on the
+    compute stream), measured from an event recorded as the pass starts; the host launches kernels ahead of
+    the GPU, so host times would show only the launches.
+    Only the Llama family runs (``check_architecture``): another ``model_type`` is a ``ValueError`` before
+    any weight is read.
     Use it in a ``with`` block (or call ``close()``) to stop its reader threads and free its buffers.
     """
 
     def __init__(self, layer_dir: Union[str, Path], *, device: Union[str, torch.device, None] = None,
                  dtype: Union[torch.dtype, str, None] = None, prefetch: bool = True, drop_page_cache: bool = False,
-                 progress: bool = True):
+                 progress: bool = True, attn_implementation: Optional[str] = None):
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.layer_dir = Path(layer_dir)
@@ -322,10 +425,12 @@ class LayerStreamer:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} asks for CUDA, but torch.cuda.is_available() is False")
         self.config = AutoConfig.from_pretrained(self.layer_dir)
+        self.sliding_window = check_architecture(self.config)  # before any weight file is opened
         self.dtype = dtype or parse_dtype(self.config.dtype or "float32")
         self.progress = progress
+        extra = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
         with torch.device("meta"):
-            self.model = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype).eval()
+            self.model = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype, **extra).eval()
         self.blocks = llama_blocks(self.model, names)
         rotary = self.model.model.rotary_emb  # buffers only: rebuild it for real on the device
         self.rotary_emb = type(rotary)(config=self.model.config).to(self.device)
@@ -354,7 +459,13 @@ class LayerStreamer:
         from tqdm.auto import tqdm
 
         rows = {b.name: torch.unique(ids.cpu()) for b in self.blocks if b.role is Role.EMBED}
-        t0, timeline = time.perf_counter(), []
+        cuda = self.device.type == "cuda"
+        timed = lambda: torch.cuda.Event(enable_timing=True)  # noqa: E731
+        if cuda:  # the pass's zero on the GPU's clock
+            compute_stream = torch.cuda.current_stream(self.device)
+            start = timed()
+            start.record(compute_stream)
+        t0, timeline, events = time.perf_counter(), [], []
         bar = tqdm(total=len(self.blocks), desc=desc, unit="block", leave=False, disable=not self.progress)
         try:
             with closing(self.source.stream(rows)) as loads:
@@ -362,17 +473,30 @@ class LayerStreamer:
                     block = self.blocks[loaded.index]
                     block.module.load_state_dict(self.source.take(loaded), strict=True, assign=True)
                     c0 = time.perf_counter()
+                    if cuda:
+                        e0, e1 = timed(), timed()
+                        e0.record(compute_stream)
                     with torch.inference_mode():
                         step(block)
-                    if self.device.type == "cuda":
-                        torch.cuda.synchronize(self.device)
+                    if cuda:
+                        e1.record(compute_stream)
+                        events.append((loaded.event, e0, e1))
+                        # wait for this block's kernels only, not the whole device (the copy stream runs on): the
+                        # host may not queue block after block while their copies pile up on the card, so at most
+                        # two blocks of weights are there, this one and the next, which the reader is copying
+                        e1.synchronize()
                     c1 = time.perf_counter()
                     block.module.to("meta")  # free the block's weights (on the CPU: unmap its file)
                     timeline.append({"block": block.name, "bytes": loaded.bytes, "read_start": loaded.read_start - t0,
                                      "read_end": loaded.read_end - t0, "compute_start": c0 - t0,
                                      "compute_end": c1 - t0})
                     bar.update()
+            if cuda:  # every block's kernels have run (the last wait above): the events' times
+                for record, (copied, e0, e1) in zip(timeline, events):
+                    record.update(read_end=start.elapsed_time(copied) / 1e3, compute_start=start.elapsed_time(e0) / 1e3,
+                                  compute_end=start.elapsed_time(e1) / 1e3)
         finally:
+            bar.refresh()  # the bar's last state is shown (and saved in a notebook) complete, not mid-way
             bar.close()
             self.model.to("meta")
         self.timeline = timeline
@@ -390,6 +514,13 @@ class LayerStreamer:
                              f"min {int(ids.min())}, max {int(ids.max())}")
         return ids.long().to(self.device)
 
+    def _check_window(self, length: int) -> None:
+        """A sliding-window model (Mistral, some Qwen2) runs unchanged only while every sequence fits the window."""
+        if self.sliding_window is not None and length > self.sliding_window:
+            raise ValueError(f"a pass over {length} positions exceeds the sliding window of {self.sliding_window} "
+                             f"of this {self.config.model_type} model; LayerStreamer computes full causal attention, "
+                             "equal to the model's only up to the window")
+
     def _mask(self, attention_mask, ids: torch.Tensor) -> Optional[torch.Tensor]:
         if attention_mask is None:
             return None
@@ -406,6 +537,7 @@ class LayerStreamer:
         """A forward pass (with ``cache``, one step of generation); returns the logits."""
         from transformers.masking_utils import create_causal_mask
 
+        self._check_window((cache.get_seq_length() if cache is not None else 0) + ids.shape[1])
         s = ForwardState()
 
         def step(block: Block) -> None:
@@ -429,16 +561,18 @@ class LayerStreamer:
         return s.logits
 
     def forward(self, input_ids, attention_mask=None, *, last_only: bool = False) -> torch.Tensor:
-        """Logits (batch, seq, vocab) in float32, or (batch, 1, vocab) with ``last_only``. Built in chapter 08."""
+        """Logits (batch, seq, vocab), or (batch, 1, vocab) with ``last_only``: float32, on the CPU whatever the
+        compute device. Built in chapter 08."""
         ids = self._ids(input_ids, "input_ids")
-        return self._pass(ids, self._mask(attention_mask, ids), None, None, last_only, "forward")
+        return self._pass(ids, self._mask(attention_mask, ids), None, None, last_only, "forward").cpu()
 
     __call__ = forward
 
     def generate(self, input_ids, max_new_tokens: int, *, do_sample: bool = False, temperature: float = 1.0,
                  top_p: float = 1.0, attention_mask=None, seed: Optional[int] = None,
                  eos_token_id: Optional[int] = None) -> torch.Tensor:
-        """Prompt plus up to ``max_new_tokens`` new ids; one streamed pass per token, KV cache per layer. Built in chapter 08.
+        """Prompt plus up to ``max_new_tokens`` new ids (int64, on the CPU); one streamed pass per token, KV cache
+        per layer. Built in chapter 08.
 
         Greedy by default (identical to ``model.generate(do_sample=False)``); ``do_sample`` samples with
         ``temperature`` and nucleus ``top_p``. With ``eos_token_id`` it stops once every row has produced it.
@@ -485,9 +619,13 @@ class LayerStreamer:
         """Sum log-probability of each suffix after one shared prefix; the prefix's KV is computed once per layer.
 
         ``suffix_ids``: a list of 1-D id sequences (lengths may differ) or a (n, S) tensor. Returns a float32
-        tensor of n scores, equal to scoring each ``prefix + suffix`` separately. Built in chapter 08.
+        tensor of n scores on the CPU, equal to scoring each ``prefix + suffix`` separately. The prefix runs
+        under the causal mask of the model's attention implementation (eager needs one written out: without
+        it the prefix would attend both ways); each suffix sees the whole prefix and its own earlier tokens.
+        Built in chapter 08.
         """
         from transformers import DynamicCache
+        from transformers.masking_utils import create_causal_mask
 
         prefix = self._ids(prefix_ids, "prefix_ids")
         if prefix.shape[0] != 1:
@@ -500,6 +638,7 @@ class LayerStreamer:
         n, P = len(suffixes), prefix.shape[1]
         lengths = torch.tensor([len(x) for x in suffixes], device=self.device)
         S = int(lengths.max())
+        self._check_window(P + S)
         suffix = torch.zeros(n, S, dtype=torch.long, device=self.device)
         for i, x in enumerate(suffixes):  # right padding: causal attention never lets a real token see it
             suffix[i, :len(x)] = x
@@ -513,10 +652,14 @@ class LayerStreamer:
         def step(block: Block) -> None:
             if block.role is Role.EMBED:
                 s.prefix, s.suffixes = block.module(prefix).to(self.dtype), block.module(suffix).to(self.dtype)
-                s.prefix_embeddings = self.rotary_emb(s.prefix, torch.arange(P, device=self.device)[None])
+                prefix_positions = torch.arange(P, device=self.device)[None]
+                s.prefix_embeddings = self.rotary_emb(s.prefix, prefix_positions)
+                # the prefix's own causal mask, as the model builds it (None for sdpa: its is_causal path)
+                s.prefix_mask = create_causal_mask(config=self.model.config, inputs_embeds=s.prefix,
+                                                   attention_mask=None, cache=cache, position_ids=prefix_positions)
                 s.suffix_embeddings = self.rotary_emb(s.suffixes, torch.arange(P, P + S, device=self.device)[None])
             elif block.role is Role.LAYER:
-                s.prefix = block.module(s.prefix, attention_mask=None, cache=cache, use_cache=True,
+                s.prefix = block.module(s.prefix, attention_mask=s.prefix_mask, cache=cache, use_cache=True,
                                         position_embeddings=s.prefix_embeddings)
                 layer = cache.layers[block.layer]  # the prefix's K and V, shared (not copied) by every suffix
                 layer.keys, layer.values = layer.keys.expand(n, -1, -1, -1), layer.values.expand(n, -1, -1, -1)

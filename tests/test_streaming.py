@@ -2,6 +2,8 @@
 cleans up after itself. (Reading the files, ``map_safetensors`` and friends, is tested in test_tensorfiles.py.)"""
 
 import json
+import math
+import subprocess
 import sys
 import threading
 
@@ -9,7 +11,7 @@ import pytest
 import torch
 
 from helpers.checkpoints import split_by_layer
-from helpers.streaming import LayerStreamer, Role, llama_blocks, predicted_peak_bytes
+from helpers.streaming import LayerStreamer, Role, check_architecture, h2d_bandwidth, llama_blocks, predicted_peak_bytes
 
 IDS = torch.tensor([[504, 3575, 282, 4649, 314]])
 
@@ -226,15 +228,6 @@ def test_an_error_mid_pass_leaves_nothing_behind(layer_dir):
     assert not mapped_files(layer_dir)
 
 
-@pytest.mark.cuda
-def test_cuda_matches_cpu_and_frees_its_pinned_buffers(layer_dir, streamer):
-    with LayerStreamer(layer_dir, dtype=torch.float32, device="cuda", progress=False) as st:
-        logits = st.forward(IDS)
-        assert st.source.pinned_bytes > 0  # the two read buffers
-    assert st.source.pinned_bytes == 0
-    torch.testing.assert_close(logits.cpu(), streamer.forward(IDS), rtol=1e-3, atol=1e-3)
-
-
 def test_predicted_peak_counts_two_consecutive_blocks_and_embedding_rows(tiny_llama_config):
     from helpers.arithmetic import activation_bytes, block_bytes
 
@@ -246,3 +239,203 @@ def test_predicted_peak_counts_two_consecutive_blocks_and_embedding_rows(tiny_ll
     assert predicted_peak_bytes(config, 2, 8, "fp32") == blocks["model.norm"] + table + act  # norm, then lm_head
     tied = tiny_llama_config(num_key_value_heads=4, vocab_size=5000, tie_word_embeddings=True)
     assert predicted_peak_bytes(tied, 2, 8, "fp32") == predicted_peak_bytes(config, 2, 8, "fp32")
+
+
+# --------------------------------------------------------------------------- tiny synthetic models (no book model)
+
+def write_split(path, config, dtype=torch.float32, seed=0):
+    """A random model of ``config`` saved in ``dtype`` and split by layer; returns (model in fp32, layer dir)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).to(dtype).eval()
+    model.save_pretrained(path / "model")
+    layers = split_by_layer(path / "model", path / "layers", progress=False)
+    return model.float(), layers
+
+
+def separate_scores(model, prefix, suffixes) -> torch.Tensor:
+    """Each prefix + suffix through ``model`` on its own: the summed log-probability of the suffix."""
+    out = []
+    for s in suffixes:
+        full = torch.cat([prefix, torch.tensor(s)])[None].to(model.device)
+        with torch.inference_mode():
+            logp = torch.log_softmax(model(full).logits[0].float(), -1).cpu()
+        out.append(sum(logp[len(prefix) - 1 + j, t] for j, t in enumerate(s)))
+    return torch.stack(out)
+
+
+TINY_PREFIX = torch.tensor([5, 17, 99, 3, 42, 8, 64])
+TINY_SUFFIXES = [[7], [11, 12, 13], [100, 2]]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_score_prefix_is_causal_under_eager_and_sdpa(tmp_path, tiny_llama_config, attn):
+    from transformers import AutoModelForCausalLM
+
+    _, layers = write_split(tmp_path, tiny_llama_config())
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32,
+                                                 attn_implementation=attn).eval()
+    with LayerStreamer(layers, device="cpu", dtype="fp32", progress=False, attn_implementation=attn) as st:
+        assert st.model.config._attn_implementation == attn
+        scores = st.score(TINY_PREFIX, TINY_SUFFIXES)
+    assert scores.dtype is torch.float32 and scores.device.type == "cpu"
+    # a bidirectional prefix (eager with no mask, as before) moves these far beyond the tolerance; equal means causal
+    torch.testing.assert_close(scores, separate_scores(model, TINY_PREFIX, TINY_SUFFIXES), rtol=1e-5, atol=1e-5)
+
+
+def family_configs():
+    from transformers import MistralConfig, Qwen2Config
+
+    small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=128, tie_word_embeddings=False)
+    return {"mistral": MistralConfig(**small, sliding_window=None), "qwen2": Qwen2Config(**small)}
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2"])
+def test_llama_family_runs_unchanged(tmp_path, model_type):
+    config = family_configs()[model_type]
+    model, layers = write_split(tmp_path, config)
+    ids = torch.tensor([[1, 5, 9, 77, 3, 100]])
+    with LayerStreamer(layers, device="cpu", dtype="fp32", progress=False) as st:
+        assert st.config.model_type == model_type
+        logits = st.forward(ids)
+        scores = st.score(TINY_PREFIX, TINY_SUFFIXES)
+    with torch.inference_mode():
+        ref = model(ids).logits
+    torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(scores, separate_scores(model, TINY_PREFIX, TINY_SUFFIXES), rtol=1e-5, atol=1e-5)
+
+
+def test_sliding_window_is_checked_against_each_pass(tmp_path):
+    from transformers import MistralConfig
+
+    config = MistralConfig(**{**family_configs()["mistral"].to_diff_dict(), "sliding_window": 8})
+    assert check_architecture(config) == 8
+    model, layers = write_split(tmp_path, config)
+    with LayerStreamer(layers, device="cpu", dtype="fp32", progress=False) as st:
+        ids = torch.tensor([[1, 5, 9, 77, 3, 100]])  # 6 <= 8: full causal attention is the model's
+        with torch.inference_mode():
+            torch.testing.assert_close(st.forward(ids), model(ids).logits, rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="sliding window of 8 of this mistral model"):
+            st.forward(torch.arange(9)[None])
+        with pytest.raises(ValueError, match="sliding window of 8"):
+            st.generate(ids, 4)  # the pass for its 4th token covers 6 + 3 = 9 positions
+
+
+def test_other_architectures_are_refused_before_any_weight_is_read(tmp_path, tiny_llama_config):
+    from transformers import GemmaConfig
+
+    _, layers = write_split(tmp_path / "llama", tiny_llama_config())
+    fake = tmp_path / "gemma"
+    fake.mkdir()
+    (fake / "layers.index.json").write_text((layers / "layers.index.json").read_text())  # no weight file at all
+    GemmaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, vocab_size=128).save_pretrained(fake)
+    with pytest.raises(ValueError, match="model_type 'gemma' is not supported by LayerStreamer"):
+        LayerStreamer(fake, device="cpu", progress=False)
+    assert check_architecture(tiny_llama_config()) is None
+
+
+def test_h2d_bandwidth_checks_its_arguments():
+    with pytest.raises(ValueError, match="nbytes 0 must be an int >= 1"):
+        h2d_bandwidth(0)
+    with pytest.raises(ValueError, match="repeat 0 must be"):
+        h2d_bandwidth(1024, repeat=0)
+    with pytest.raises(ValueError, match="'cpu' is not a CUDA device"):
+        h2d_bandwidth(1024, device="cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error a machine without CUDA gives")
+def test_cuda_paths_fail_clearly_without_cuda():
+    with pytest.raises(ValueError, match=r"torch.cuda.is_available\(\) is False"):
+        h2d_bandwidth(1024)
+    proc = subprocess.run([sys.executable, "-m", "helpers.streaming_benchmark", "--device", "cuda", "--small"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--device cuda" in proc.stderr and "is_available() is False" in proc.stderr
+    assert "measuring" not in proc.stdout  # it stopped before writing or measuring anything
+
+
+def test_benchmark_help_lists_device(run_python):
+    out = " ".join(run_python("from helpers.streaming_benchmark import main; main(['--help'])").split())
+    assert "--device {cpu,cuda}" in out and "(default cpu)" in out
+
+
+# --------------------------------------------------------------------------- CUDA (synthetic tiny models only)
+
+@pytest.fixture
+def tiny_fp32(tmp_path, tiny_llama_config):
+    return write_split(tmp_path, tiny_llama_config())
+
+
+@pytest.mark.cuda
+def test_cuda_logits_equal_cpu_fp32_and_free_pinned_buffers(tiny_fp32):
+    _, layers = tiny_fp32
+    ids = torch.tensor([[1, 5, 9, 77, 3, 100], [4, 4, 8, 15, 16, 23]])
+    with LayerStreamer(layers, device="cpu", dtype="fp32", progress=False) as cpu:
+        ref = cpu.forward(ids)
+    with LayerStreamer(layers, device="cuda", dtype="fp32", progress=False) as st:
+        logits = st.forward(ids)
+        again = st.forward(ids)  # the pinned slots and their events are reused
+        assert st.source.pinned_bytes > 0  # the two read buffers
+        tl = st.timeline
+    assert st.source.pinned_bytes == 0
+    assert logits.device.type == "cpu" and logits.dtype is torch.float32  # the API: results on the CPU
+    torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)  # fp32 on both, TF32 off (torch's default)
+    assert torch.equal(logits, again)
+    for r in tl:  # CUDA-event times: a block computes after its copy
+        assert 0 <= r["read_start"] and r["read_end"] <= r["compute_start"] + 1e-4 <= r["compute_end"] + 1e-4
+
+
+@pytest.mark.cuda
+def test_cuda_bf16_files_computed_in_fp16_equal_cpu(tmp_path, tiny_llama_config):
+    _, layers = write_split(tmp_path, tiny_llama_config(num_hidden_layers=6), dtype=torch.bfloat16)
+    ids = torch.tensor([[1, 5, 9, 77, 3, 100]])
+    with LayerStreamer(layers, device="cpu", dtype="fp32", progress=False) as cpu:
+        ref = cpu.forward(ids)  # the same bf16 weights, exact in fp32
+    with LayerStreamer(layers, device="cuda", dtype="fp16", progress=False) as st:
+        assert st.config.dtype in ("bfloat16", torch.bfloat16) and st.dtype is torch.float16
+        runs = [st.forward(ids) for _ in range(3)]  # converted on the copy stream, handed over by event
+    for logits in runs:
+        assert logits.dtype is torch.float32 and logits.device.type == "cpu"
+        # fp16 keeps 11 significant bits: a few 1e-3 on logits of about 0.1-1
+        torch.testing.assert_close(logits, ref, rtol=1e-2, atol=1e-2)
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[1], runs[2])
+
+
+@pytest.mark.cuda
+def test_cuda_generate_equals_cpu(tiny_fp32):
+    _, layers = tiny_fp32
+    ids = torch.tensor([[1, 5, 9, 77, 3]])
+    with LayerStreamer(layers, device="cpu", dtype="fp32", progress=False) as cpu:
+        ref = cpu.generate(ids, 6)
+    with LayerStreamer(layers, device="cuda", dtype="fp32", progress=False) as st:
+        out = st.generate(ids, 6)
+    assert out.device.type == "cpu" and out.dtype is torch.int64
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_cuda_score_equals_in_memory(tmp_path, tiny_llama_config, attn):
+    from transformers import AutoModelForCausalLM
+
+    _, layers = write_split(tmp_path, tiny_llama_config())
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32,
+                                                 attn_implementation=attn).eval()
+    ref = separate_scores(model, TINY_PREFIX, TINY_SUFFIXES)
+    with LayerStreamer(layers, device="cuda", dtype="fp32", progress=False, attn_implementation=attn) as st:
+        scores = st.score(TINY_PREFIX, TINY_SUFFIXES)
+    assert scores.device.type == "cpu" and scores.dtype is torch.float32
+    torch.testing.assert_close(scores, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.cuda
+def test_cuda_h2d_bandwidth_pinned_and_pageable():
+    nbytes = 64 * 2**20
+    pinned = h2d_bandwidth(nbytes, pinned=True, repeat=5)
+    pageable = h2d_bandwidth(nbytes, pinned=False, repeat=5)
+    for bw in (pinned, pageable):
+        assert math.isfinite(bw) and 1e8 < bw < 1e12  # between 0.1 GB/s and 1 TB/s: a PCIe or NVLink-C2C figure
+    # the driver stages pageable memory through a pinned buffer, so pinned is at least about as fast
+    assert pinned >= 0.8 * pageable, (pinned, pageable)
