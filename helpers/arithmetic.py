@@ -15,7 +15,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Union
+from typing import Iterable, Optional, Union
 
 import torch
 
@@ -25,13 +25,15 @@ from .meta import parse_dtype
 __all__ = [
     "DATA_DIR", "CUDA_CONTEXT_BYTES", "FORMATS", "known_models", "known_config", "meta_model",
     "bytes_per_param", "weight_bytes", "block_bytes", "kv_cache_bytes", "activation_bytes",
-    "Ledger", "estimate", "feasibility",
+    "Ledger", "estimate", "feasibility", "Machine", "MACHINES", "machine",
 ]
 
 DATA_DIR = Path(__file__).with_name("data")
-# What a CUDA context (driver, kernels, cuBLAS workspaces) takes on the GPU before any tensor:
-# the seeds quote 1-2 GB; with lazy module loading (CUDA >= 11.7) it is nearer 0.5 GB. We plan
-# with 1 GiB. It is *not* in torch.cuda.max_memory_allocated(); nvidia-smi shows it.
+# What a CUDA context (driver, kernels, cuBLAS workspaces) takes on the GPU before any tensor, as published:
+# accelerate's "Big Model Inference" guide (https://huggingface.co/docs/accelerate/usage_guides/big_modeling) and,
+# translating it, the 2023 ChatGLM-6B deployment guide quote 1-2 GB, "depending on the GPU". It is *not* in torch.cuda.max_memory_allocated(); nvidia-smi shows it.
+# This is the figure planned with where nothing was measured: on a CUDA machine, measure it instead with
+# helpers.memory.cuda_context_bytes() (chapter 00) and pass it as estimate(..., context_bytes=...).
 CUDA_CONTEXT_BYTES = 2**30
 # Storage formats a weight can be planned in: floats by the short names parse_dtype reads, and bitsandbytes' formats.
 FLOAT_FORMATS = ("fp32", "bf16", "fp16")
@@ -40,6 +42,72 @@ FORMATS = FLOAT_FORMATS + QUANT_FORMATS
 BNB_4BIT_BLOCKSIZE = 64      # bitsandbytes: one absmax per 64 weights
 BNB_NESTED_BLOCKSIZE = 256   # double quantization: absmaxes quantized to 8 bit in blocks of 256
 INT8_ROW_ASSUMED = 4096      # bytes_per_param("int8"): rows of 4096 inputs share one fp32 scale
+
+
+# --------------------------------------------------------------------------- machines
+
+@dataclass(frozen=True)
+class Machine:
+    """A machine a reader runs the book on, with its figures as published (``source`` says where). Built in chapter 02.
+
+    ``gpu_bytes`` is per GPU and is what PyTorch sees (``torch.cuda.get_device_properties(0).total_memory``),
+    not the marketing figure; ``ram_bytes`` is the RAM the runtime gives a notebook; ``disk_bytes`` the disk it
+    can write to (``None`` where no figure is published).
+    """
+
+    name: str
+    gpus: int
+    gpu_bytes: int
+    ram_bytes: int
+    disk_bytes: Optional[int]
+    source: str
+
+    def __post_init__(self):
+        for key in ("gpus", "gpu_bytes", "ram_bytes"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{key} {value!r} must be an int >= 0")
+        if self.disk_bytes is not None and (isinstance(self.disk_bytes, bool) or not isinstance(self.disk_bytes, int)
+                                            or self.disk_bytes < 0):
+            raise ValueError(f"disk_bytes {self.disk_bytes!r} must be an int >= 0 or None")
+
+    def __str__(self) -> str:
+        gpu = f"{self.gpus} x {format_size(self.gpu_bytes)} GPU" if self.gpus else "no GPU"
+        disk = "disk not published" if self.disk_bytes is None else f"{format_size(self.disk_bytes, binary=False)} disk"
+        return f"{self.name}: {gpu}, {format_size(self.ram_bytes)} RAM, {disk}"
+
+
+# A T4 has 16 GB of GDDR6 (NVIDIA's datasheet); with ECC on, as in Colab and Kaggle, it exposes 15 GiB
+# (nvidia-smi: 15360 MiB), and PyTorch reports "14.75 GiB total capacity" in its out-of-memory messages there.
+_T4_BYTES = int(14.75 * 2**30)
+_T4_SOURCE = ("GPU: NVIDIA T4 datasheet, 16 GB GDDR6 (https://www.nvidia.com/en-us/data-center/tesla-t4/); "
+              "PyTorch's own out-of-memory message on Colab and Kaggle T4s reads '(GPU 0; 14.75 GiB total capacity; ...)', "
+              "as quoted in many public reports")
+MACHINES = {
+    "colab-free-t4": Machine(
+        name="colab-free-t4", gpus=1, gpu_bytes=_T4_BYTES, ram_bytes=int(12.7 * 2**30), disk_bytes=None,
+        source=_T4_SOURCE + "; RAM: free Colab's resource panel shows 12.7 GB System RAM, of which about 1 GB "
+        "the VM uses itself (https://linux-blog.anracom.com/2023/05/04/google-colab-ram-vram-and-gpu-usage-"
+        "limits-i-no-clear-conditions-over-multiple-sessions/); the 2023 ChatGLM-6B deployment guide measured "
+        "11.8 GB free; Colab publishes no fixed figures (https://research.google.com/colaboratory/faq.html)"),
+    "kaggle-t4x2": Machine(
+        name="kaggle-t4x2", gpus=2, gpu_bytes=_T4_BYTES, ram_bytes=29 * 2**30, disk_bytes=20 * 10**9,
+        source=_T4_SOURCE + "; RAM: Kaggle's session panel shows 29 GB for GPU sessions (the VM has 31.4 GiB in "
+        "total, as logged by wandb on Kaggle T4 x2 runs); disk: 20 GB of output in /kaggle/working "
+        "(https://www.kaggle.com/docs/notebooks), more as scratch space outside it"),
+}
+
+
+def machine(name: Union[str, Machine]) -> Machine:
+    """The ``Machine`` called ``name`` in ``MACHINES`` (a ``Machine`` is returned as it is). Built in chapter 02."""
+    if isinstance(name, Machine):
+        return name
+    if not isinstance(name, str) or name not in MACHINES:
+        raise ValueError(f"unknown machine {name!r}; known machines are: {', '.join(sorted(MACHINES))}")
+    return MACHINES[name]
+
+
+_as_machine = machine  # for feasibility(), whose argument is also called machine
 
 
 # --------------------------------------------------------------------------- configs
@@ -337,11 +405,12 @@ def _input_embedding_bytes(config, dtype) -> int:
 
 
 def estimate(config, dtype, batch_size: int = 1, seq_len: int = 512, *, device: str = "cpu",
-             checkpoint_dtype=None, label: str = "", **weight_kwargs) -> Ledger:
+             checkpoint_dtype=None, label: str = "", context_bytes: Optional[int] = None, **weight_kwargs) -> Ledger:
     """Predicted peak memory of loading ``config``'s model in ``dtype`` and running one forward pass
     of ``batch_size`` x ``seq_len`` tokens with ``use_cache=True``. Built in chapter 02.
 
-    ``overhead`` is the CUDA context (``CUDA_CONTEXT_BYTES``) on ``device="cuda"``. On the CPU it is
+    ``overhead`` is the CUDA context on ``device="cuda"``: ``context_bytes`` when given (measure it with
+    ``helpers.memory.cuda_context_bytes()``), else the published ``CUDA_CONTEXT_BYTES``. On the CPU it is
     the loading transient measured in chapter 02: when ``checkpoint_dtype`` (the dtype of the
     safetensors files) differs from ``dtype``, ``from_pretrained`` keeps every shard memory-mapped
     while it converts, so the whole checkpoint is resident next to the converted weights; only the
@@ -352,13 +421,16 @@ def estimate(config, dtype, batch_size: int = 1, seq_len: int = 512, *, device: 
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device {device!r} must be 'cpu' or 'cuda'")
     _check_positive(batch_size=batch_size, seq_len=seq_len)
+    if context_bytes is not None and (isinstance(context_bytes, bool) or not isinstance(context_bytes, int)
+                                      or context_bytes < 0):
+        raise ValueError(f"context_bytes {context_bytes!r} must be an int of bytes >= 0 or None")
     name = _format(dtype)
     run_dtype = name if name in FLOAT_FORMATS else weight_kwargs.get("compute_dtype", "fp16")
     weights = weight_bytes(config, name, **weight_kwargs)
     kv = kv_cache_bytes(config, batch_size, seq_len, run_dtype)
     act = activation_bytes(config, batch_size, seq_len, run_dtype)
     if device == "cuda":
-        overhead = CUDA_CONTEXT_BYTES
+        overhead = CUDA_CONTEXT_BYTES if context_bytes is None else context_bytes
     elif checkpoint_dtype is None or name in QUANT_FORMATS:
         overhead = 0
     elif _format(checkpoint_dtype) == name:  # zero copy: untouched embedding rows stay on disk
@@ -374,32 +446,51 @@ def estimate(config, dtype, batch_size: int = 1, seq_len: int = 512, *, device: 
                   label=label)
 
 
-def feasibility(config, dtype, gpu_bytes: Union[int, str], cpu_bytes: Union[int, str], *,
-                batch_size: int = 1, seq_len: int = 512, **weight_kwargs) -> str:
-    """Where a model can run on one GPU plus RAM: "fits on GPU", "needs CPU offload", "needs disk offload",
+def feasibility(config, dtype, gpu_bytes: Union[int, str, None] = None, cpu_bytes: Union[int, str, None] = None, *,
+                machine: Union[str, Machine, None] = None, batch_size: int = 1, seq_len: int = 512,
+                offload_dtype=None, context_bytes: Optional[int] = None, **weight_kwargs) -> str:
+    """Where a model can run on a GPU machine: "fits on GPU", "needs CPU offload", "needs disk offload",
     "needs streaming" or "does not fit". Built in chapter 02.
 
-    The GPU keeps the CUDA context, KV cache and activations, and as many blocks as fit. The rest
-    goes to RAM ("needs CPU offload"), then to disk ("needs disk offload"). When more than half the
-    weights must come from disk on every forward pass, per-token offload is disk-bound and the
-    practical plan is to stream layers over a large batch (chapter 08): "needs streaming". If the
-    runtime plus the largest block does not fit on the GPU, nothing runs: "does not fit".
+    The machine is ``machine`` (a name from ``MACHINES`` or a ``Machine``; its GPUs are pooled, each paying a
+    CUDA context) or one GPU of ``gpu_bytes`` plus ``cpu_bytes`` of RAM. The GPU keeps the CUDA context, KV
+    cache and activations, and as many blocks as fit, in execution order. The rest goes to RAM ("needs CPU
+    offload"), then to disk ("needs disk offload"), stored as ``offload_dtype``. That is what the tool does,
+    not what one would wish: for int8/nf4/fp4, transformers with bitsandbytes does not keep offloaded modules
+    quantized; with ``llm_int8_enable_fp32_cpu_offload=True`` (required for any CPU/disk offload) they stay in
+    fp32, so ``offload_dtype`` defaults to fp32 for quantized formats and to ``dtype`` otherwise. When more than
+    half the weights must come from disk on every forward pass, per-token offload is disk-bound and the
+    practical plan is to stream layers over a large batch (chapter 08): "needs streaming". If the runtime plus
+    the largest block does not fit on the GPU, nothing runs: "does not fit".
     """
-    gpu, cpu = parse_size(gpu_bytes), parse_size(cpu_bytes)
-    ledger = estimate(config, dtype, batch_size, seq_len, device="cuda", **weight_kwargs)
-    if ledger.total <= gpu:
+    if machine is not None:
+        if gpu_bytes is not None or cpu_bytes is not None:
+            raise ValueError("give either machine or gpu_bytes and cpu_bytes, not both")
+        box = _as_machine(machine)
+        if box.gpus < 1:
+            raise ValueError(f"machine {box.name!r} has no GPU")
+        gpus, gpu, cpu = box.gpus, box.gpus * box.gpu_bytes, box.ram_bytes
+    elif gpu_bytes is None or cpu_bytes is None:
+        raise ValueError("give machine (e.g. 'colab-free-t4') or both gpu_bytes and cpu_bytes")
+    else:
+        gpus, gpu, cpu = 1, parse_size(gpu_bytes), parse_size(cpu_bytes)
+    name = _format(dtype)
+    offload = _format(offload_dtype) if offload_dtype is not None else ("fp32" if name in QUANT_FORMATS else name)
+    ledger = estimate(config, dtype, batch_size, seq_len, device="cuda", context_bytes=context_bytes, **weight_kwargs)
+    runtime = ledger.total - ledger.weights + (gpus - 1) * ledger.overhead  # one CUDA context per GPU
+    if runtime + ledger.weights <= gpu:
         return "fits on GPU"
-    runtime = ledger.total - ledger.weights
     blocks = block_bytes(config, dtype, **weight_kwargs)
+    offloaded = blocks if offload == name else block_bytes(config, offload, **weight_kwargs)
     if runtime + max(blocks.values()) > gpu:
         return "does not fit"
-    on_gpu = 0
-    for size in blocks.values():  # fill the GPU in execution order, as device_map="sequential" does
-        if runtime + on_gpu + size > gpu:
-            break
-        on_gpu += size
-    rest = ledger.weights - on_gpu
+    on_gpu, rest = 0, 0
+    for block, size in blocks.items():  # fill the GPU in execution order, as device_map="sequential" does
+        if rest == 0 and runtime + on_gpu + size <= gpu:
+            on_gpu += size
+        else:
+            rest += offloaded[block]
     if rest <= cpu:
         return "needs CPU offload"
     from_disk = rest - cpu
-    return "needs streaming" if from_disk > ledger.weights / 2 else "needs disk offload"
+    return "needs streaming" if from_disk > (on_gpu + rest) / 2 else "needs disk offload"

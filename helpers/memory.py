@@ -6,6 +6,12 @@ Built in chapter 00 (setup) and used by every chapter after it.
 above what was resident when the block started. On Linux the kernel keeps that
 peak for us (``VmHWM`` in ``/proc/self/status``) and lets us reset it by writing
 ``5`` to ``/proc/self/clear_refs``; elsewhere a background thread samples RSS.
+
+RSS mixes two kinds of page. *Anonymous* pages (``RssAnon``: tensors, the Python heap) exist nowhere else:
+they are what a process really costs. *File-backed* pages (``RssFile``: a memory-mapped safetensors
+checkpoint, shared libraries) are copies of a file the kernel can drop under memory pressure and read again.
+``measure()`` reports both peaks apart where the OS says which is which (Linux), so that "loading took
+3 GiB" can be read as "0.1 GiB of it was tensors, 2.9 GiB was the checkpoint's cached pages".
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ from typing import Optional, Union
 
 import psutil
 
-__all__ = ["Measurement", "measure", "flush", "release_on_free", "rss_bytes", "parse_size", "format_size"]
+__all__ = ["Measurement", "measure", "flush", "release_on_free", "rss_bytes", "rss_split", "cuda_context_bytes",
+           "parse_size", "format_size"]
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -100,6 +107,27 @@ def rss_bytes() -> int:
     return _read_status_kib("VmRSS") or psutil.Process().memory_info().rss
 
 
+def rss_split() -> Optional[dict]:
+    """This process's resident memory by kind, in bytes: ``{"anon": ..., "file": ..., "shmem": ...}``.
+
+    ``anon`` (``RssAnon``) is memory only this process holds (tensors, heap); ``file`` (``RssFile``) is pages of
+    files mapped into it (a memory-mapped checkpoint, libraries), which the kernel can drop and re-read;
+    ``shmem`` (``RssShmem``) is shared memory. They add up to RSS. ``None`` where the OS does not report them
+    (macOS, Windows, Linux before 4.5).
+    """
+    try:
+        text = _STATUS.read_text()
+    except OSError:
+        return None
+    values = {}
+    for key, name in (("RssAnon", "anon"), ("RssFile", "file"), ("RssShmem", "shmem")):
+        match = re.search(rf"^{key}:\s+(\d+)\s+kB", text, re.MULTILINE)
+        if match is None:
+            return None
+        values[name] = int(match.group(1)) * 1024
+    return values
+
+
 def _reset_hwm() -> bool:
     """Reset the kernel's peak-RSS counter (VmHWM); False where that is not possible."""
     try:
@@ -172,7 +200,10 @@ class Measurement:
     seconds: float = 0.0
     method: str = ""
     cpu_start_bytes: int = 0
+    peak_anon_bytes: Optional[int] = None
+    peak_file_bytes: Optional[int] = None
     _samples: list = field(default_factory=list, repr=False)
+    _split_samples: list = field(default_factory=list, repr=False)
 
     def __str__(self) -> str:
         cuda = "n/a" if self.cuda_peak_bytes is None else format_size(self.cuda_peak_bytes)
@@ -187,6 +218,11 @@ class measure:
     * ``cuda_peak_bytes``: ``torch.cuda.max_memory_allocated()`` during the block minus
       what was allocated at entry; ``None`` without CUDA.
     * ``seconds``: wall time of the block.
+    * ``peak_anon_bytes`` / ``peak_file_bytes``: peak anonymous (``RssAnon``) and file-backed (``RssFile``)
+      resident memory during the block minus their levels at entry (>= 0), each sampled every
+      ``sample_interval`` seconds (the kernel keeps no high-water mark for them, so a spike shorter than the
+      interval can be missed). The two peaks need not fall at the same moment, so they need not add up to
+      ``cpu_peak_bytes``. ``None`` where the OS does not report the split (see ``rss_split``).
 
     ``flush_first=True`` (the default) collects garbage before the block starts so
     memory freed by earlier cells does not hide the block's own cost.
@@ -212,8 +248,13 @@ class measure:
         m = self.result
         m.method = "VmHWM" if self.method == "auto" and _reset_hwm() else "sampling"
         m.cpu_start_bytes = rss_bytes()
+        split = rss_split()
+        self._split_start = split
         if m.method == "sampling":
             m._samples.append(m.cpu_start_bytes)
+        if split is not None:
+            m._split_samples.append(split)
+        if m.method == "sampling" or split is not None:
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
         if _cuda_available():
@@ -225,9 +266,19 @@ class measure:
         return m
 
     def _sample(self) -> None:
-        samples = self.result._samples
+        samples, splits = self.result._samples, self.result._split_samples
+        rss = self.result.method == "sampling"
+        split = self._split_start is not None
         while not self._stop.wait(self.sample_interval):
-            samples.append(rss_bytes())
+            if split:
+                now = rss_split()
+                if now is not None:
+                    splits.append(now)
+                    if rss:
+                        samples.append(now["anon"] + now["file"] + now["shmem"])
+                    continue
+            if rss:
+                samples.append(rss_bytes())
 
     def __exit__(self, *exc) -> None:
         m = self.result
@@ -236,13 +287,64 @@ class measure:
             torch.cuda.synchronize()
             m.cuda_peak_bytes = max(0, torch.cuda.max_memory_allocated() - self._cuda_start)
         m.seconds = time.perf_counter() - self._t0
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
         if m.method == "VmHWM":
             peak = max(_read_status_kib("VmHWM") or 0, rss_bytes())
         else:
-            self._stop.set()
-            assert self._thread is not None
-            self._thread.join()
             peak = max(m._samples + [rss_bytes()])
         m.cpu_peak_bytes = max(0, peak - m.cpu_start_bytes)
+        start = self._split_start
+        end = rss_split()
+        if start is not None and end is not None:
+            splits = m._split_samples + [end]
+            m.peak_anon_bytes = max(0, max(s["anon"] for s in splits) - start["anon"])
+            m.peak_file_bytes = max(0, max(s["file"] for s in splits) - start["file"])
 
 
+
+
+_CONTEXT_PROBE = """
+import json, sys, torch
+device = int(sys.argv[1])
+free0, total = torch.cuda.mem_get_info(device)      # creates the context (lazily loaded modules: not yet)
+x = torch.ones(256, 256, device=device)
+y = (x @ x).sum().item()                            # first allocation, first kernel, first cuBLAS call
+torch.cuda.synchronize(device)
+free1, _ = torch.cuda.mem_get_info(device)
+print(json.dumps({"total": total, "used_at_init": total - free0, "used_after_first_ops": total - free1,
+                  "reserved_by_torch": torch.cuda.memory_reserved(device)}))
+"""
+
+
+def cuda_context_bytes(device: int = 0, *, details: bool = False):
+    """What CUDA itself takes on GPU ``device`` beyond PyTorch's tensors, measured in a fresh process; ``None``
+    without CUDA. Built in chapter 00.
+
+    A new Python process creates the CUDA context (``torch.cuda.mem_get_info``), allocates a first tensor and
+    runs a first matmul (which loads cuBLAS and, with lazy module loading, the kernels it needs), then reads
+    ``mem_get_info`` again. The result is the device memory in use minus ``torch.cuda.memory_reserved()``:
+    the context, loaded kernels and library workspaces that ``max_memory_allocated`` never shows but
+    ``nvidia-smi`` does. It assumes no other process uses the GPU (as on Colab or Kaggle); on a shared GPU their
+    memory is counted too. ``details=True`` returns the probe's raw figures as a dict instead.
+    """
+    import json
+    import subprocess
+    import sys
+
+    if isinstance(device, bool) or not isinstance(device, int) or device < 0:
+        raise ValueError(f"device {device!r} must be a CUDA device index (an int >= 0)")
+    if not _cuda_available():
+        return None
+    import torch
+
+    if device >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r} does not exist; torch sees {torch.cuda.device_count()} CUDA device(s)")
+    out = subprocess.run([sys.executable, "-c", _CONTEXT_PROBE, str(device)], capture_output=True, text=True,
+                         check=True, timeout=300)
+    probe = json.loads(out.stdout.strip().splitlines()[-1])
+    outside = probe["used_after_first_ops"] - probe["reserved_by_torch"]
+    if details:
+        return {**probe, "outside_torch": outside}
+    return outside

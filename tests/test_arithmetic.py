@@ -254,9 +254,55 @@ def test_feasibility_for_a_t4(llama7b):
     seventy = ar.known_config("llama-2-70b")
     assert ar.feasibility(llama7b, "nf4", "16GB", "32GB") == "fits on GPU"
     assert ar.feasibility(ar.known_config("starcoder-15.5b"), "fp16", "16GB", "32GB") == "needs CPU offload"
-    assert ar.feasibility(seventy, "nf4", "16GB", "32GB") == "needs CPU offload"
-    assert ar.feasibility(seventy, "int8", "16GB", "32GB") == "needs disk offload"
+    # quantized blocks kept quantized when offloaded (what one might wish) ...
+    assert ar.feasibility(seventy, "nf4", "16GB", "32GB", offload_dtype="nf4") == "needs CPU offload"
+    assert ar.feasibility(seventy, "int8", "16GB", "32GB", offload_dtype="int8") == "needs disk offload"
+    # ... and in fp32, as transformers + bitsandbytes really keep them (llm_int8_enable_fp32_cpu_offload)
+    assert ar.feasibility(seventy, "nf4", "16GB", "32GB") == "needs streaming"
+    assert ar.feasibility(seventy, "nf4", "16GB", "200GB") == "needs CPU offload"
     assert ar.feasibility(seventy, "fp16", "16GB", "32GB") == "needs streaming"
     assert ar.feasibility(seventy, "fp16", "1GB", "32GB") == "does not fit"
     with pytest.raises(ValueError, match="16 parsecs"):
         ar.feasibility(llama7b, "fp16", "16 parsecs", "32GB")
+
+
+def test_machine_profiles_are_the_published_t4_boxes():
+    import dataclasses
+
+    from helpers.arithmetic import MACHINES, Machine, machine
+
+    colab, kaggle = machine("colab-free-t4"), machine("kaggle-t4x2")
+    assert (colab.gpus, kaggle.gpus) == (1, 2)
+    for m in (colab, kaggle):
+        assert 14 * 2**30 < m.gpu_bytes < 15 * 2**30 + 1  # what a T4 exposes, not 16 x 10**9 bytes
+        assert "http" in m.source and m.name in MACHINES
+    assert 12 * 2**30 < colab.ram_bytes < 13 * 2**30  # free Colab: 12.7 GB, not 32
+    assert 28 * 2**30 < kaggle.ram_bytes < 31 * 2**30
+    assert machine(colab) is colab
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        colab.ram_bytes = 0
+    with pytest.raises(ValueError, match="unknown machine 'colab'; known machines are: colab-free-t4"):
+        machine("colab")
+    with pytest.raises(ValueError, match="ram_bytes -1 must be an int >= 0"):
+        Machine("x", 1, 1, -1, None, "")
+
+
+def test_feasibility_offloads_quantized_blocks_in_fp32_and_reads_machines(llama7b):
+    starcoder = ar.known_config("starcoder-15.5b")
+    # int8 StarCoder on a free Colab T4: the offloaded blocks cost 4 bytes per weight, not 1
+    assert ar.feasibility(starcoder, "int8", machine="colab-free-t4", offload_dtype="int8") == "needs CPU offload"
+    assert ar.feasibility(starcoder, "int8", machine="kaggle-t4x2") == "fits on GPU"  # two T4s pooled
+    colab = ar.machine("colab-free-t4")
+    assert (ar.feasibility(llama7b, "fp16", machine=colab)
+            == ar.feasibility(llama7b, "fp16", colab.gpu_bytes, colab.ram_bytes) == "fits on GPU")
+    huge = 10 * 2**30
+    assert ar.feasibility(llama7b, "fp16", machine=colab, context_bytes=huge) == "needs CPU offload"
+    with pytest.raises(ValueError, match="either machine or gpu_bytes"):
+        ar.feasibility(llama7b, "fp16", "16GB", "32GB", machine="colab-free-t4")
+    with pytest.raises(ValueError, match="give machine"):
+        ar.feasibility(llama7b, "fp16")
+    with pytest.raises(ValueError, match="unknown machine 'tpu'"):
+        ar.feasibility(llama7b, "fp16", machine="tpu")
+    with pytest.raises(ValueError, match="context_bytes -1"):
+        ar.estimate(llama7b, "fp16", device="cuda", context_bytes=-1)
+    assert ar.estimate(llama7b, "fp16", device="cuda", context_bytes=123).overhead == 123

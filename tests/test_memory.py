@@ -134,3 +134,79 @@ def test_release_on_free_rejects_bad_thresholds(bad):
 
     with pytest.raises(ValueError, match="threshold"):
         release_on_free(bad)
+
+
+def test_rss_split_adds_up_to_rss():
+    from helpers.memory import rss_split
+
+    split = rss_split()
+    if split is None:
+        pytest.skip("this OS does not report RssAnon/RssFile")
+    assert set(split) == {"anon", "file", "shmem"}
+    assert sum(split.values()) == pytest.approx(rss_bytes(), rel=0.05)
+
+
+def test_measure_splits_a_mapped_file_from_a_tensor(tmp_path):
+    """Touching a mapped file raises the file-backed peak, not the anonymous one; a tensor the opposite."""
+    import mmap
+    import time
+
+    import torch
+
+    from helpers.memory import rss_split
+
+    if rss_split() is None:
+        pytest.skip("this OS does not report RssAnon/RssFile")
+    path = tmp_path / "big.bin"
+    with open(path, "wb") as f:
+        for _ in range(256):
+            f.write(b"\x01" * MiB)
+    with open(path, "rb") as f, measure() as mapped:
+        view = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        total = sum(view[i] for i in range(0, len(view), 4096))  # touch every page
+        time.sleep(0.05)  # let the sampler see them resident
+        view.close()
+    assert total == 256 * MiB // 4096
+    assert mapped.peak_file_bytes == pytest.approx(256 * MiB, rel=0.05), format_size(mapped.peak_file_bytes)
+    assert mapped.peak_anon_bytes < 16 * MiB, format_size(mapped.peak_anon_bytes)
+
+    with measure() as tensor:
+        x = torch.ones(256 * MiB, dtype=torch.uint8)
+        time.sleep(0.05)
+        del x
+    assert tensor.peak_anon_bytes == pytest.approx(256 * MiB, rel=0.05), format_size(tensor.peak_anon_bytes)
+    assert tensor.peak_file_bytes < 16 * MiB, format_size(tensor.peak_file_bytes)
+    assert str(tensor).startswith("CPU peak +")  # the printed form is unchanged
+
+
+@pytest.mark.cuda
+def test_measure_cuda_peak_of_a_known_allocation_within_2_percent():
+    import torch
+
+    with measure() as m:
+        x = torch.empty(300 * MiB + 12345, dtype=torch.uint8, device="cuda")
+        del x
+    assert m.cuda_peak_bytes == pytest.approx(300 * MiB + 12345, rel=0.02), format_size(m.cuda_peak_bytes)
+
+
+@pytest.mark.cuda
+def test_cuda_context_bytes_is_measured():
+    import torch
+
+    from helpers.memory import cuda_context_bytes
+
+    probe = cuda_context_bytes(details=True)
+    assert probe["outside_torch"] == probe["used_after_first_ops"] - probe["reserved_by_torch"]
+    assert 0 < probe["outside_torch"] < probe["total"]
+    assert probe["total"] == torch.cuda.mem_get_info(0)[1]
+
+
+def test_cuda_context_bytes_without_cuda_or_bad_device():
+    import torch
+
+    from helpers.memory import cuda_context_bytes
+
+    with pytest.raises(ValueError, match="device -1 must be a CUDA device index"):
+        cuda_context_bytes(-1)
+    if not torch.cuda.is_available():
+        assert cuda_context_bytes() is None
