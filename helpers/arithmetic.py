@@ -82,7 +82,7 @@ class Machine:
 _T4_BYTES = int(14.75 * 2**30)
 _T4_SOURCE = ("GPU: NVIDIA T4 datasheet, 16 GB GDDR6 (https://www.nvidia.com/en-us/data-center/tesla-t4/); "
               "PyTorch's own out-of-memory message on Colab and Kaggle T4s reads '(GPU 0; 14.75 GiB total capacity; ...)', "
-              "as quoted in many public reports")
+              "e.g. https://github.com/googlecolab/colabtools/issues/3439 (Colab T4, 2023)")
 MACHINES = {
     "colab-free-t4": Machine(
         name="colab-free-t4", gpus=1, gpu_bytes=_T4_BYTES, ram_bytes=int(12.7 * 2**30), disk_bytes=None,
