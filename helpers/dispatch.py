@@ -12,11 +12,14 @@ first (``check_dispatch``: chapter 04's ``validate_device_map``, then what only 
 * ``attach``: two plain PyTorch hooks per entry. The forward *pre*-hook brings an offloaded entry's weights to the
   execution device and moves the inputs to where the entry runs; the forward hook puts the weights back on ``meta``,
   so they stop costing memory. With ``prefetch=True`` a background thread loads the *next* offloaded entry while the
-  current one computes.
+  current one computes. "Next" is execution order: the order the pre-hooks fired in the last forward pass (before
+  the first pass, module order, which is a guess), so a model that calls its modules in another order than it
+  registered them is still read ahead correctly from its second pass on.
 
 "cpu" in a map means "kept in host RAM and attached only while the module runs"; "disk" means "kept in a
-safetensors file, read only while the module runs". On the CPU a file is memory-mapped (nothing is copied: the
-weights *are* the page cache's pages); for a GPU it is read with one ``readinto`` into a reused pinned buffer and
+safetensors file, read only while the module runs". On the CPU a file is memory-mapped by default (nothing is
+copied: the weights *are* the page cache's pages; chapter 05 measures this against ``disk_read="readinto"``, one
+``readinto`` into a reused buffer); for a GPU it is always read with one ``readinto`` into a reused pinned buffer and
 copied on a side stream.
 """
 
@@ -40,7 +43,9 @@ from helpers.tensorfiles import (KEY_FIELD, cache_key, file_key, map_safetensors
                                  weight_map, why_stale, written_by_helpers)
 
 __all__ = ["dispatch", "undispatch", "check_dispatch", "plan", "materialise", "attach",
-           "Use", "Tensor", "Entry", "Plan", "Dispatcher"]
+           "Use", "Tensor", "Entry", "Plan", "Dispatcher", "DISK_READS"]
+
+DISK_READS = ("map", "readinto")  # how a CPU-run "disk" entry is read: memory-mapped, or copied into a reused buffer
 
 Device = Union[int, str, torch.device]
 PathLike = Union[str, Path]
@@ -104,7 +109,7 @@ class Entry:
 
 @dataclass(eq=False)
 class Plan:
-    """What ``dispatch`` does to a model: its entries in the order a forward pass meets them, and where they run."""
+    """What ``dispatch`` does to a model: its entries in module order, and where they run."""
 
     model: nn.Module = field(repr=False)
     entries: list[Entry]
@@ -246,8 +251,9 @@ def plan(model: nn.Module, device_map: Mapping[str, Device], *, checkpoint: Opti
          offload_folder: Optional[PathLike] = None, execution_device: Optional[Device] = None) -> Plan:
     """Decide, touching nothing, where each entry's weights live and where it runs. Built in chapter 05.
 
-    The request must be one ``check_dispatch`` accepts. Entries come in module order, the order a forward pass meets
-    them and prefetching reads them. Offloaded entries run on ``execution_device``, by default the map's first GPU
+    The request must be one ``check_dispatch`` accepts. Entries come in module (registration) order, which is the
+    order a forward pass meets them in most models; prefetching starts from it and then follows the order the hooks
+    actually fire (``Dispatcher``). Offloaded entries run on ``execution_device``, by default the map's first GPU
     (accelerate's main device), else the CPU. An offloaded entry without parameters has nothing to offload: it
     stays where it runs.
     """
@@ -316,13 +322,24 @@ def materialise(plan: Plan) -> Plan:
     return plan
 
 
-def attach(plan: Plan, *, prefetch: bool = False, timeline: Optional[list] = None) -> nn.Module:
+def _check_disk_read(disk_read: str) -> None:
+    if not isinstance(disk_read, str) or disk_read not in DISK_READS:
+        raise ValueError(f"disk_read {disk_read!r} is not one of {DISK_READS}: 'map' memory-maps a CPU-run 'disk' "
+                         "entry's file, 'readinto' copies it into a reused buffer")
+
+
+def attach(plan: Plan, *, prefetch: bool = False, timeline: Optional[list] = None,
+           disk_read: str = "map") -> nn.Module:
     """Register the hooks that run ``plan.model`` with its offloaded entries; returns the model. Built in chapter 05.
 
-    ``prefetch=True`` loads the next offloaded entry on a background thread; ``timeline``, a list, receives a dict
-    per load and per compute (module, kind, start, end, thread).
+    ``prefetch=True`` loads the next offloaded entry (in execution order) on a background thread; ``timeline``, a
+    list, receives a dict per load and per compute (module, kind, start, end, thread, clock). ``clock`` says what
+    was timed: ``"host"`` (``time.perf_counter`` around the work) or, for compute on a GPU, ``"cuda events"``
+    (device time, placed on the host clock at the end of each pass). ``disk_read`` ("map" or "readinto") is how
+    "disk" entries are read when they run on the CPU; for a GPU they are always read into a pinned buffer.
     """
-    model, dispatcher = plan.model, Dispatcher(plan, prefetch, timeline)
+    _check_disk_read(disk_read)
+    model, dispatcher = plan.model, Dispatcher(plan, prefetch, timeline, disk_read)
     add = dispatcher.handles.append
     add(model.register_forward_pre_hook(dispatcher.before_model, with_kwargs=True, prepend=True))
     for entry in plan.entries:
@@ -356,104 +373,160 @@ def _first_device(obj: Any) -> Optional[torch.device]:
 
 
 class Dispatcher:
-    """What the hooks of one dispatched model share: the plan, the prefetch thread and its loads, the timeline."""
+    """What the hooks of one dispatched model share: the plan, the prefetch thread and its loads, the timeline.
 
-    def __init__(self, plan: Plan, prefetch: bool, timeline: Optional[list]):
-        self.timeline, self.device = timeline, plan.execution_device
-        self.offloaded = [entry for entry in plan.entries if entry.offload]  # the order a pass meets them
+    Prefetching reads ahead in ``order``: module order until a pass has run, then the order in which the last pass
+    fired the offloaded entries' pre-hooks (``seen``), which is the model's execution order.
+    """
+
+    def __init__(self, plan: Plan, prefetch: bool, timeline: Optional[list], disk_read: str = "map"):
+        self.timeline, self.device, self.disk_read = timeline, plan.execution_device, disk_read
+        self.offloaded = [entry for entry in plan.entries if entry.offload]
+        self.order = list(self.offloaded)  # prefetch order: a guess until the first pass has run
+        self.seen: dict[str, Entry] = {}  # this pass's offloaded entries, in the order their pre-hooks fired
         self.cuda = self.device.type == "cuda"
+        self.gpus = {entry.runs_on for entry in plan.entries if entry.runs_on.type == "cuda"}  # where compute is timed
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if prefetch else None
         self.pending: dict[str, Future] = {}  # entry name -> its load, started ahead
-        self.buffers: list[torch.Tensor] = []  # GPU only: pinned read buffers, reused (one per load in flight)
+        self.buffers: list[torch.Tensor] = []  # read buffers, reused (one per load in flight or attached)
+        self.held: dict[str, torch.Tensor] = {}  # CPU readinto: entry name -> the buffer its attached weights view
         self.lock = threading.Lock()
         self.handles: list = []
-        self.started: dict[str, float] = {}
+        self.started: dict[str, tuple] = {}  # entry name -> (host start, CUDA start event or None)
+        self.anchors: dict[torch.device, tuple] = {}  # GPU -> (event, host time) that place its events on the clock
+        self.gpu_bars: list[tuple] = []  # (entry name, device, start event, end event), resolved after the pass
         self.input_device: Optional[torch.device] = None
 
-    def load(self, entry: Entry) -> dict[str, torch.Tensor]:
-        """An offloaded entry's weights on the execution device (on the prefetch thread too)."""
+    def load(self, entry: Entry) -> tuple[dict[str, torch.Tensor], Optional[torch.Tensor]]:
+        """An offloaded entry's weights on the execution device (on the prefetch thread too), and the read buffer
+        they view (CPU ``readinto`` only: it is reused once the weights are detached), else None."""
         start = time.perf_counter()
-        if not self.cuda:  # a file is mapped, not copied: the weights are the page cache's pages until released
-            weights = map_safetensors(entry.file)[0] if entry.offload == "disk" else entry.host
+        host, buffer = entry.host, None
+        if entry.offload == "disk" and (self.cuda or self.disk_read == "readinto"):
+            with self.lock:  # one readinto into a reused buffer: fresh pages cost more than the read
+                spare = self.buffers.pop(max(range(len(self.buffers)), key=lambda i: self.buffers[i].numel())
+                                         ) if self.buffers else None  # the largest: it fits most entries
+            host, buffer = read_safetensors(entry.file, spare, pin=self.cuda)
+        if not self.cuda:  # mapped ("map": the weights are the page cache's pages until released) or read above
+            weights = map_safetensors(entry.file)[0] if entry.offload == "disk" and buffer is None else host
         else:
-            host, buffer = entry.host, None
-            if entry.offload == "disk":  # one readinto into a pinned buffer, reused: fresh pages cost more than reads
-                with self.lock:
-                    spare = self.buffers.pop() if self.buffers else None
-                host, buffer = read_safetensors(entry.file, spare, pin=True)
             with torch.cuda.stream(self.copy_stream):  # pinned host memory -> GPU, on a side stream
                 weights = {name: t.to(self.device, non_blocking=True) for name, t in host.items()}
             self.copy_stream.synchronize()  # waited for here (on the prefetch thread), not by the compute
-            if buffer is not None:  # copied: the buffer is free for the next read
-                with self.lock:
-                    self.buffers.append(buffer)
+            self.release(buffer)  # copied: the buffer is free for the next read
+            buffer = None
         self._log(entry.name, "load", start)
-        return weights
+        return weights, buffer
+
+    def release(self, buffer: Optional[torch.Tensor]) -> None:
+        if buffer is not None:
+            with self.lock:
+                self.buffers.append(buffer)
 
     def before(self, entry: Entry, module: nn.Module, args: tuple, kwargs: dict):
         """Forward pre-hook: attach an offloaded entry's weights, start the next load, move the inputs."""
         if entry.offload:
+            self.seen.setdefault(entry.name, entry)  # the execution order, for the next pass's prefetching
             future = self.pending.pop(entry.name, None)
-            weights = future.result() if future is not None else self.load(entry)
+            weights, buffer = future.result() if future is not None else self.load(entry)
+            if buffer is not None:
+                self.held[entry.name] = buffer
             for tensor in entry.weights:
                 value = weights[tensor.name]
                 if self.cuda:  # allocated on the copy stream, used on the compute stream
                     value.record_stream(torch.cuda.current_stream(self.device))
                 tensor.set(value, entry.uses(tensor))
             self.prefetch_after(entry)
-        self.started[entry.name] = time.perf_counter()
+        self.started[entry.name] = (time.perf_counter(), self._event(entry.runs_on))
         return _to(args, entry.runs_on), _to(kwargs, entry.runs_on)
 
     def after(self, entry: Entry, module: nn.Module, args: tuple, output: Any):
         """Forward hook: put an offloaded entry's weights back on meta, which releases their memory."""
-        self._log(entry.name, "compute", self.started.pop(entry.name))
+        start, event = self.started.pop(entry.name)
+        if event is None:
+            self._log(entry.name, "compute", start)
+        else:  # device time: an event after the module's kernels, read once the pass is over
+            self.gpu_bars.append((entry.name, entry.runs_on, event, self._event(entry.runs_on)))
         for tensor in entry.weights:
             tensor.set(tensor.get().to("meta"), entry.uses(tensor))
+        self.release(self.held.pop(entry.name, None))  # nothing views the buffer any more
         return output
 
     def prefetch_after(self, entry: Entry) -> None:
-        """With prefetching on: start loading the offloaded entry after ``entry`` on the background thread."""
+        """With prefetching on: start loading the offloaded entry after ``entry`` (in ``order``) in the background."""
         if self.pool is None:
             return
-        i = self.offloaded.index(entry) + 1
-        if i < len(self.offloaded) and self.offloaded[i].name not in self.pending:
-            self.pending[self.offloaded[i].name] = self.pool.submit(self.load, self.offloaded[i])
+        i = self.order.index(entry) + 1
+        if i < len(self.order) and self.order[i].name not in self.pending:
+            self.pending[self.order[i].name] = self.pool.submit(self.load, self.order[i])
 
     def before_model(self, model: nn.Module, args: tuple, kwargs: dict):
         """The model's own pre-hook: remember where the inputs are, and start loading the first offloaded entry."""
         self.input_device = _first_device((args, kwargs))
-        if self.pool is not None and self.offloaded and self.offloaded[0].name not in self.pending:
-            self.pending[self.offloaded[0].name] = self.pool.submit(self.load, self.offloaded[0])
+        self.seen = {}
+        if self.timeline is not None:  # each GPU's clock, tied to the host's at the start of the pass
+            for device in self.gpus:
+                anchor = torch.cuda.Event(enable_timing=True)
+                anchor.record(torch.cuda.current_stream(device))
+                anchor.synchronize()  # the host time is taken after the anchor ran: device times are never early
+                self.anchors[device] = (anchor, time.perf_counter())
+        if self.pool is not None and self.order and self.order[0].name not in self.pending:
+            self.pending[self.order[0].name] = self.pool.submit(self.load, self.order[0])
         return args, kwargs
 
     def after_model(self, model: nn.Module, args: tuple, output: Any):
-        """The model's own hook: the output goes back to where the inputs came from."""
+        """The model's own hook: learn the execution order, drop loads a wrong guess of it started, bring the
+        output back to where the inputs came from, and put the pass's GPU compute bars on the timeline."""
+        if self.seen:  # entries this pass did not call keep their place after the ones it did
+            self.order = list(self.seen.values()) + [e for e in self.order if e.name not in self.seen]
+        for future in self.pending.values():  # read ahead for an entry this pass did not call next: not needed
+            self.release(future.result()[1])
+        self.pending.clear()
+        for name, device, start, end in self.gpu_bars:
+            anchor, t0 = self.anchors[device]
+            end.synchronize()
+            self.timeline.append({"module": name, "kind": "compute", "start": t0 + anchor.elapsed_time(start) / 1e3,
+                                  "end": t0 + anchor.elapsed_time(end) / 1e3,
+                                  "thread": threading.current_thread().name, "clock": "cuda events"})
+        self.gpu_bars.clear()
         return _to(output, self.input_device) if self.input_device is not None else output
+
+    def _event(self, device: torch.device) -> Optional["torch.cuda.Event"]:
+        """With a timeline, on a GPU: a timing event recorded now on ``device``'s current stream; else None."""
+        if self.timeline is None or device.type != "cuda":
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(device))
+        return event
 
     def _log(self, name: str, kind: str, start: float) -> None:
         if self.timeline is not None:
             self.timeline.append({"module": name, "kind": kind, "start": start, "end": time.perf_counter(),
-                                  "thread": threading.current_thread().name})
+                                  "thread": threading.current_thread().name, "clock": "host"})
 
 
 # --------------------------------------------------------------------------- dispatch and undispatch
 
 def dispatch(model: nn.Module, device_map: Mapping[str, Device], *, checkpoint: Optional[PathLike] = None,
              offload_folder: Optional[PathLike] = None, prefetch: bool = False,
-             execution_device: Optional[Device] = None, timeline: Optional[list] = None) -> nn.Module:
+             execution_device: Optional[Device] = None, timeline: Optional[list] = None,
+             disk_read: str = "map") -> nn.Module:
     """Place ``model`` by ``device_map`` and hook it to run with "cpu" and "disk" entries. Built in chapter 05.
 
     Checks everything first and raises one ``ValueError`` (``check_dispatch``); then ``plan``, ``materialise``,
     ``attach``. Meta tensors are read from ``checkpoint`` (a safetensors file or folder); "disk" entries are kept in
-    ``offload_folder/<key>.safetensors``; ``prefetch=True`` loads the next offloaded entry on a background thread;
-    ``timeline``, a list, receives load and compute intervals. Returns the model; ``undispatch`` undoes it all.
+    ``offload_folder/<key>.safetensors``; ``prefetch=True`` loads the next offloaded entry (in execution order) on
+    a background thread; ``timeline``, a list, receives load and compute intervals (``attach``); ``disk_read`` is
+    how CPU-run "disk" entries are read ("map" or "readinto"). Returns the model; ``undispatch`` undoes it all.
     """
+    _check_disk_read(disk_read)
     if hasattr(model, "_helpers_dispatcher"):
         raise ValueError(f"this {type(model).__name__} is already dispatched; call undispatch(model) first")
     request = dict(checkpoint=checkpoint, offload_folder=offload_folder, execution_device=execution_device)
     check_dispatch(model, device_map, **request)
-    return attach(materialise(plan(model, device_map, **request)), prefetch=prefetch, timeline=timeline)
+    return attach(materialise(plan(model, device_map, **request)), prefetch=prefetch, timeline=timeline,
+                  disk_read=disk_read)
 
 
 def undispatch(model: nn.Module) -> nn.Module:
@@ -466,6 +539,7 @@ def undispatch(model: nn.Module) -> nn.Module:
     if dispatcher.pool is not None:
         dispatcher.pool.shutdown(wait=True)
     dispatcher.pending.clear()
+    dispatcher.buffers.clear()
     restored: set[str] = set()
     for entry in dispatcher.offloaded:
         weights = read_safetensors(entry.file)[0] if entry.offload == "disk" else entry.host

@@ -236,6 +236,65 @@ def test_timeline_every_load_ends_before_its_compute_starts(tiny, tmp_path, pref
     assert all(loads[name]["end"] <= computes[name]["start"] for name in offloaded)  # weights there before use
     threads = {t["thread"] for t in loads.values()}
     assert all(t.startswith("prefetch") for t in threads) if prefetch else threads == {"MainThread"}
+    assert {t["clock"] for t in timeline} == {"host"}  # on the CPU everything is host time
+
+
+class Backwards(torch.nn.Module):
+    """Registers its blocks 0, 1, 2, 3 and calls them 3, 2, 1, 0: registration order is not execution order."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(16, 16) for _ in range(4))
+
+    def forward(self, x):
+        for block in reversed(self.blocks):
+            x = torch.tanh(block(x))
+        return x
+
+
+def test_prefetch_follows_execution_order_not_registration_order(tmp_path):
+    model, x = Backwards().eval(), torch.randn(2, 16)
+    with torch.inference_mode():
+        reference = model(x)
+    timeline = []
+    dispatch(model, {f"blocks.{i}": "disk" for i in range(4)}, offload_folder=tmp_path, prefetch=True,
+             timeline=timeline)
+    with torch.inference_mode():
+        assert torch.equal(model(x), reference)  # the first pass learns the order (its guess was module order)
+        timeline.clear()
+        assert torch.equal(model(x), reference)
+    loads = [t for t in timeline if t["kind"] == "load"]
+    computes = {t["module"]: t for t in timeline if t["kind"] == "compute"}
+    called = ["blocks.3", "blocks.2", "blocks.1", "blocks.0"]
+    assert [t["module"] for t in loads] == called  # read ahead in the order the blocks run, each once
+    assert all(t["thread"].startswith("prefetch") for t in loads)  # every load started ahead, none on demand
+    assert all(t["end"] <= computes[t["module"]]["start"] for t in loads)
+    assert sorted(computes, key=lambda name: computes[name]["start"]) == called
+    undispatch(model)
+    with torch.inference_mode():
+        assert torch.equal(model(x), reference)
+
+
+@pytest.mark.parametrize("prefetch", [False, True], ids=["load", "prefetch"])
+def test_disk_read_readinto_matches_map_and_reuses_its_buffers(tiny, tmp_path, prefetch):
+    reference = logits(tiny())
+    for disk_read in ("map", "readinto"):
+        model, timeline = tiny(), []
+        dispatch(model, layer_map(4, "d", ends="disk"), offload_folder=tmp_path / disk_read, prefetch=prefetch,
+                 timeline=timeline, disk_read=disk_read)
+        assert torch.equal(logits(model), reference)
+        assert torch.equal(logits(model), reference)  # the second pass reads into the first pass's buffers
+        assert all(p.device.type == "meta" for p in model.parameters())
+        undispatch(model)
+        assert untouched(model) and torch.equal(logits(model), reference)
+
+
+def test_disk_read_must_be_map_or_readinto_and_is_checked_first(tiny, tmp_path):
+    model = tiny()
+    with pytest.raises(ValueError, match=r"disk_read 'mmap' is not one of \('map', 'readinto'\)"):
+        dispatch(model, layer_map(4, "d", ends="disk"), offload_folder=tmp_path, disk_read="mmap")
+    assert list(tmp_path.iterdir()) == [] and untouched(model)
 
 
 def test_dispatch_twice_and_undispatch_unknown_are_errors(tiny, tmp_path):
@@ -260,3 +319,43 @@ def test_gpu_execution_with_pinned_cpu_and_disk_entries(tiny, tmp_path):
     assert out.device.type == "cpu"  # the output comes back to where the input was
     torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-4)
     undispatch(model)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("where", ["cpu", "disk"])
+@pytest.mark.parametrize("prefetch", [False, True], ids=["load", "prefetch"])
+def test_cuda_cpu_and_disk_offload_match_the_in_memory_model(tiny, tmp_path, where, prefetch):
+    in_memory = tiny().to("cuda")
+    ids = IDS.to("cuda")
+    reference = logits(in_memory, ids)
+    model = tiny()
+    device_map = layer_map(4, where[0], ends=where)
+    dispatch(model, device_map, offload_folder=tmp_path, prefetch=prefetch, execution_device=0)
+    for _ in range(2):  # the second pass prefetches in the order the first one recorded
+        out = logits(model, ids)
+        assert out.device.type == "cuda"  # the output comes back to where the input was
+        torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+    assert all(p.device.type == "meta" for p in model.parameters())
+    assert len(list(tmp_path.iterdir())) == (len(device_map) - 1 if where == "disk" else 0)  # rotary: buffers only
+    undispatch(model)
+    assert untouched(model)
+    torch.testing.assert_close(logits(model.to("cuda"), ids), reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("prefetch", [False, True], ids=["load", "prefetch"])
+def test_cuda_timeline_times_compute_with_cuda_events(tiny, tmp_path, prefetch):
+    model, timeline = tiny(), []
+    dispatch(model, layer_map(4, "d", ends="disk"), offload_folder=tmp_path, prefetch=prefetch, execution_device=0,
+             timeline=timeline)
+    logits(model)
+    timeline.clear()
+    logits(model)
+    undispatch(model)
+    loads = {t["module"]: t for t in timeline if t["kind"] == "load"}
+    computes = {t["module"]: t for t in timeline if t["kind"] == "compute"}
+    assert {t["clock"] for t in computes.values()} == {"cuda events"}  # device time, not kernel launches
+    assert {t["clock"] for t in loads.values()} == {"host"}  # a load waits for its copy, so host time is its time
+    assert set(computes) == set(loads) | {"model.rotary_emb"}
+    assert all(0 <= t["end"] - t["start"] < 10 for t in computes.values())
+    assert all(loads[name]["end"] <= computes[name]["start"] for name in loads)  # weights there before use
