@@ -71,11 +71,20 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
-                    block_size: int = 128) -> torch.Tensor:
-    """FlashAttention's tiled online softmax: at most block_size × block_size scores at a time. Built in chapter 07."""
+                    block_size: int = 128, accumulate_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """FlashAttention's tiled online softmax: at most block_size × block_size scores at a time. Built in chapter 07.
+
+    The running max, sum and output accumulator are kept in ``accumulate_dtype``: by default float32 for
+    float16/bfloat16 inputs, as FlashAttention's kernels do, and the input dtype when that is wider. Passing the
+    input's own half dtype reproduces the accumulation in half precision that chapter 07 measures against it.
+    """
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size {block_size!r} must be a positive int")
+    if accumulate_dtype is not None and (not isinstance(accumulate_dtype, torch.dtype)
+                                         or not accumulate_dtype.is_floating_point):
+        raise ValueError(f"accumulate_dtype {accumulate_dtype!r} must be a floating-point torch.dtype or None")
     batch, heads, kv_heads, seq_q, seq_k = _check(q, k, v)
+    acc_dtype = torch.promote_types(q.dtype, torch.float32) if accumulate_dtype is None else accumulate_dtype
     group, dim = heads // kv_heads, q.shape[-1]
     qg = q.reshape(batch, kv_heads, group, seq_q, dim)
     k, v = k.unsqueeze(2), v.unsqueeze(2)  # broadcast over the group, no copy
@@ -84,16 +93,18 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
 
     for q0 in range(0, seq_q, block_size):
         q1 = min(q0 + block_size, seq_q)
-        q_block = qg[..., q0:q1, :] * scale
+        # Tiles are widened to acc_dtype (a no-op when they already have it), as a tensor core multiplies
+        # half-precision tiles into a float32 result.
+        q_block = qg[..., q0:q1, :].to(acc_dtype) * scale
         shape = q_block.shape[:-1] + (1,)
-        row_max = torch.full(shape, float("-inf"), dtype=q.dtype, device=q.device)  # m: running max
-        row_sum = torch.zeros(shape, dtype=q.dtype, device=q.device)               # l: running denominator
-        acc = torch.zeros(q_block.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
+        row_max = torch.full(shape, float("-inf"), dtype=acc_dtype, device=q.device)  # m: running max
+        row_sum = torch.zeros(shape, dtype=acc_dtype, device=q.device)               # l: running denominator
+        acc = torch.zeros(q_block.shape[:-1] + (v.shape[-1],), dtype=acc_dtype, device=q.device)
         # Causal: query q1-1 sees keys up to q1-1, so key blocks from q1 on are fully masked: skip them.
         k_stop = min(seq_k, q1) if causal else seq_k
         for k0 in range(0, k_stop, block_size):
             k1 = min(k0 + block_size, k_stop)
-            scores = q_block @ k[..., k0:k1, :].transpose(-1, -2)       # one tile: (q1-q0) × (k1-k0)
+            scores = q_block @ k[..., k0:k1, :].to(acc_dtype).transpose(-1, -2)  # one tile: (q1-q0) × (k1-k0)
             if causal and k1 - 1 > q0:  # the tile crosses the diagonal: hide keys after each query
                 rows = torch.arange(q0, q1, device=q.device)[:, None]
                 cols = torch.arange(k0, k1, device=q.device)[None, :]
@@ -102,9 +113,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
             p = torch.exp(scores - new_max)
             correction = torch.exp(row_max - new_max)  # rescale what was summed under the old max
             row_sum = row_sum * correction + p.sum(dim=-1, keepdim=True)
-            acc = acc * correction + p @ v[..., k0:k1, :]
+            acc = acc * correction + p @ v[..., k0:k1, :].to(acc_dtype)
             row_max = new_max
-        out[..., q0:q1, :] = acc / row_sum
+        out[..., q0:q1, :] = acc / row_sum  # rounded to the input dtype once, at the end
     return out.reshape(batch, heads, seq_q, v.shape[-1])
 
 

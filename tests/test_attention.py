@@ -53,6 +53,56 @@ def test_float32_tolerance(causal):
     torch.testing.assert_close(naive_attention(q, k, v, causal=causal), expected, rtol=1e-4, atol=1e-5)
 
 
+def _errors(out, reference):
+    """(mean, max) absolute difference from a float64 reference."""
+    diff = (out.double() - reference).abs()
+    return diff.mean().item(), diff.max().item()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_accumulate_in_float32(dtype, causal, seed):
+    q, k, v = _qkv(1, 4, 2, 256, 256, 64, seed=seed)  # float64: the reference is exact to ~1e-15
+    reference = sdpa(q, k, v, is_causal=causal, enable_gqa=True)
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    fp32 = flash_attention(q, k, v, causal=causal, block_size=16)
+    assert fp32.dtype == dtype
+    # the default widens the running max, sum and accumulator to float32, like FlashAttention
+    torch.testing.assert_close(fp32, flash_attention(q, k, v, causal=causal, block_size=16,
+                                                     accumulate_dtype=torch.float32), rtol=0, atol=0)
+    same = _errors(flash_attention(q, k, v, causal=causal, block_size=16, accumulate_dtype=dtype), reference)
+    wide = _errors(fp32, reference)
+    ours = _errors(sdpa(q, k, v, is_causal=causal, enable_gqa=True), reference)
+    # measured on the CPU (fp16 and bf16, seeds 0-2): accumulating in the input dtype makes the mean error
+    # 2.0-2.6 times larger; float32 accumulation is as close to float64 as PyTorch's own SDPA in that dtype
+    assert wide[0] < 0.75 * same[0], (wide, same)
+    assert wide[0] <= 1.1 * ours[0] and wide[1] <= 1.25 * ours[1], (wide, ours)
+
+
+def test_float64_stays_float64():
+    q, k, v = _qkv(1, 2, 2, 40, 40, 8)
+    reference = sdpa(q, k, v)
+    torch.testing.assert_close(flash_attention(q, k, v, block_size=8), reference, rtol=1e-12, atol=1e-12)
+    # a narrower accumulator is allowed, and it shows: float32 sums are not float64 sums
+    narrow = flash_attention(q, k, v, block_size=8, accumulate_dtype=torch.float32)
+    assert narrow.dtype == torch.float64 and not torch.equal(narrow, reference)
+    torch.testing.assert_close(narrow, reference, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
+def test_flash_attention_on_cuda_matches_sdpa(dtype, tolerance, causal):
+    # float32: cuBLAS and SDPA's kernels both round in float32 (TF32 is off by default); float16: both
+    # accumulate in float32 and round the output once, so they differ by about one float16 step (2^-10 relative)
+    q, k, v = (t.to("cuda", dtype) for t in _qkv(1, 8, 2, 300, 300, 64, dtype=torch.float32))
+    expected = sdpa(q, k, v, is_causal=causal, enable_gqa=True)
+    out = flash_attention(q, k, v, causal=causal, block_size=64)
+    assert out.device == q.device and out.dtype == dtype
+    torch.testing.assert_close(out, expected, rtol=10 * tolerance, atol=tolerance)
+
+
 def test_causal_is_aligned_top_left_like_sdpa():
     q, k, v = _qkv(1, 2, 2, 3, 8, 4)  # 3 queries, 8 keys
     out = flash_attention(q, k, v, causal=True, block_size=2)
@@ -131,6 +181,9 @@ def test_bad_dtype_and_block_size():
     for bad in (0, -3, 2.5, True, "64"):
         with pytest.raises(ValueError, match="block_size"):
             flash_attention(q, q, q, block_size=bad)
+    for bad in (torch.int32, "float32", float):
+        with pytest.raises(ValueError, match="accumulate_dtype"):
+            flash_attention(q, q, q, accumulate_dtype=bad)
 
 
 @pytest.mark.parametrize("causal", [False, True])
