@@ -377,8 +377,13 @@ class ForwardState:
 
 @dataclass
 class ScoreState:
-    """What ``score`` carries from block to block: the shared prefix and the suffixes, side by side."""
+    """One question of ``score``/``score_many``: its inputs, and what it carries from block to block."""
 
+    prefix_ids: torch.Tensor  # (1, P) the shared prefix
+    suffix: torch.Tensor  # (n, S) the suffixes, right-padded with 0
+    lengths: torch.Tensor  # (n,) each suffix's real length
+    suffix_mask: torch.Tensor  # (n, 1, S, P + S) what each suffix token may see (bool, or additive for eager)
+    cache: object = None  # the prefix's K and V, one layer at a time (a transformers DynamicCache)
     prefix: Optional[torch.Tensor] = None  # (1, P, hidden) activations of the prefix
     suffixes: Optional[torch.Tensor] = None  # (n, S, hidden) activations of the suffixes
     prefix_embeddings: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # rotary cos, sin at 0 .. P - 1
@@ -386,6 +391,11 @@ class ScoreState:
     suffix_embeddings: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # ... at P .. P + S - 1
     hidden: Optional[torch.Tensor] = None  # (n, 1 + S, hidden) after the norm: the prefix's last token, then the suffix
     scores: Optional[torch.Tensor] = None  # (n,) float32
+
+    @property
+    def carried_elements(self) -> int:
+        """Activations carried between blocks, in elements of the hidden size: the prefix and every suffix."""
+        return self.prefix_ids.shape[1] + self.suffix.numel()
 
 
 class LayerStreamer:
@@ -624,17 +634,63 @@ class LayerStreamer:
         it the prefix would attend both ways); each suffix sees the whole prefix and its own earlier tokens.
         Built in chapter 08.
         """
-        from transformers import DynamicCache
-        from transformers.masking_utils import create_causal_mask
+        return self.score_many([(prefix_ids, suffix_ids)])[0]
 
-        prefix = self._ids(prefix_ids, "prefix_ids")
+    def score_many(self, questions: Sequence, *, max_carried_bytes: Optional[int] = None) -> list[torch.Tensor]:
+        """``score`` for many questions, reading every block once for all of them: the Kaggle design.
+
+        ``questions``: a list of ``(prefix_ids, suffix_ids)``, each as ``score`` takes them. Returns one float32
+        CPU tensor per question, equal to ``score`` of that question. Each block, once loaded, runs every
+        question in turn, so a call costs one read of the model instead of one per question. What must stay in
+        memory between blocks is every question's activations (prefix and suffixes, ``hidden_size`` values per
+        token); ``max_carried_bytes`` caps them: questions are split, in order, into groups that fit, and each
+        group is one pass (one read). Every question is checked before anything is read. Built in chapter 08.
+        """
+        if not isinstance(questions, (list, tuple)) or not questions:
+            raise ValueError("questions must be a non-empty list of (prefix_ids, suffix_ids) pairs; got "
+                             f"{type(questions).__name__} {questions!r:.80}")
+        states = []
+        for i, q in enumerate(questions):
+            if not isinstance(q, (list, tuple)) or len(q) != 2:
+                raise ValueError(f"questions[{i}] must be a (prefix_ids, suffix_ids) pair; got {q!r:.80}")
+            states.append(self._question(*q, what=f"questions[{i}]"))
+        per_element = self.config.hidden_size * self.dtype.itemsize
+        groups, group, carried = [], [], 0
+        for i, st in enumerate(states):
+            need = st.carried_elements * per_element
+            if max_carried_bytes is not None and need > max_carried_bytes:
+                raise ValueError(f"questions[{i}] alone carries {need} bytes of activations between blocks, "
+                                 f"more than max_carried_bytes={max_carried_bytes}")
+            if group and max_carried_bytes is not None and carried + need > max_carried_bytes:
+                groups.append(group)
+                group, carried = [], 0
+            group.append(st)
+            carried += need
+        groups.append(group)
+        for group in groups:
+            def step(block: Block, group=group) -> None:
+                for st in group:
+                    self._score_step(st, block)
+                    if block.role is Role.LAYER:  # this layer's cache is not needed again
+                        layer = st.cache.layers[block.layer]
+                        layer.keys = layer.values = None
+
+            ids = torch.cat([t.flatten() for st in group for t in (st.prefix_ids, st.suffix)])
+            self.run_pass(step, ids, "score")
+        return [st.scores.cpu() for st in states]
+
+    def _question(self, prefix_ids, suffix_ids, what: str) -> ScoreState:
+        """Check one question and lay out its inputs; nothing is read or computed yet."""
+        from transformers import DynamicCache
+
+        prefix = self._ids(prefix_ids, f"{what} prefix_ids")
         if prefix.shape[0] != 1:
-            raise ValueError(f"prefix_ids must be one sequence; got a batch of {prefix.shape[0]}")
+            raise ValueError(f"{what} prefix_ids must be one sequence; got a batch of {prefix.shape[0]}")
         if isinstance(suffix_ids, torch.Tensor) and suffix_ids.dim() == 2:
             suffix_ids = list(suffix_ids)
         if not isinstance(suffix_ids, (list, tuple)) or not suffix_ids:
-            raise ValueError("suffix_ids must be a non-empty list of token-id sequences (or a 2-D tensor)")
-        suffixes = [self._ids(s, f"suffix_ids[{i}]")[0] for i, s in enumerate(suffix_ids)]
+            raise ValueError(f"{what} suffix_ids must be a non-empty list of token-id sequences (or a 2-D tensor)")
+        suffixes = [self._ids(x, f"{what} suffix_ids[{i}]")[0] for i, x in enumerate(suffix_ids)]
         n, P = len(suffixes), prefix.shape[1]
         lengths = torch.tensor([len(x) for x in suffixes], device=self.device)
         S = int(lengths.max())
@@ -647,35 +703,37 @@ class LayerStreamer:
         if self.model.config._attn_implementation == "eager":
             suffix_mask = torch.zeros(suffix_mask.shape, dtype=self.dtype, device=self.device).masked_fill(
                 ~suffix_mask, torch.finfo(self.dtype).min)
-        cache, s = DynamicCache(config=self.model.config), ScoreState()
+        return ScoreState(prefix_ids=prefix, suffix=suffix, lengths=lengths, suffix_mask=suffix_mask,
+                          cache=DynamicCache(config=self.model.config))
 
-        def step(block: Block) -> None:
-            if block.role is Role.EMBED:
-                s.prefix, s.suffixes = block.module(prefix).to(self.dtype), block.module(suffix).to(self.dtype)
-                prefix_positions = torch.arange(P, device=self.device)[None]
-                s.prefix_embeddings = self.rotary_emb(s.prefix, prefix_positions)
-                # the prefix's own causal mask, as the model builds it (None for sdpa: its is_causal path)
-                s.prefix_mask = create_causal_mask(config=self.model.config, inputs_embeds=s.prefix,
-                                                   attention_mask=None, cache=cache, position_ids=prefix_positions)
-                s.suffix_embeddings = self.rotary_emb(s.suffixes, torch.arange(P, P + S, device=self.device)[None])
-            elif block.role is Role.LAYER:
-                s.prefix = block.module(s.prefix, attention_mask=s.prefix_mask, cache=cache, use_cache=True,
-                                        position_embeddings=s.prefix_embeddings)
-                layer = cache.layers[block.layer]  # the prefix's K and V, shared (not copied) by every suffix
-                layer.keys, layer.values = layer.keys.expand(n, -1, -1, -1), layer.values.expand(n, -1, -1, -1)
-                s.suffixes = block.module(s.suffixes, attention_mask=suffix_mask, cache=cache, use_cache=True,
-                                          position_embeddings=s.suffix_embeddings)
-                layer.keys = layer.values = None  # this layer's cache is not needed again
-            elif block.role is Role.NORM:
-                s.hidden = block.module(torch.cat([s.prefix[:, -1:].expand(n, -1, -1), s.suffixes], dim=1))
-            elif block.role is Role.HEAD:
-                logp = torch.log_softmax(block.module(s.hidden[:, :-1]).float(), dim=-1)
-                token_logp = logp.gather(-1, suffix[..., None])[..., 0]
-                real = torch.arange(S, device=self.device)[None] < lengths[:, None]
-                s.scores = (token_logp * real).sum(-1)
+    def _score_step(self, s: ScoreState, block: Block) -> None:
+        """Run one question through one block."""
+        from transformers.masking_utils import create_causal_mask
 
-        self.run_pass(step, torch.cat([prefix[0], suffix.flatten()]), "score")
-        return s.scores.cpu()
+        n, S = s.suffix.shape
+        P = s.prefix_ids.shape[1]
+        if block.role is Role.EMBED:
+            s.prefix, s.suffixes = block.module(s.prefix_ids).to(self.dtype), block.module(s.suffix).to(self.dtype)
+            prefix_positions = torch.arange(P, device=self.device)[None]
+            s.prefix_embeddings = self.rotary_emb(s.prefix, prefix_positions)
+            # the prefix's own causal mask, as the model builds it (None for sdpa: its is_causal path)
+            s.prefix_mask = create_causal_mask(config=self.model.config, inputs_embeds=s.prefix,
+                                               attention_mask=None, cache=s.cache, position_ids=prefix_positions)
+            s.suffix_embeddings = self.rotary_emb(s.suffixes, torch.arange(P, P + S, device=self.device)[None])
+        elif block.role is Role.LAYER:
+            s.prefix = block.module(s.prefix, attention_mask=s.prefix_mask, cache=s.cache, use_cache=True,
+                                    position_embeddings=s.prefix_embeddings)
+            layer = s.cache.layers[block.layer]  # the prefix's K and V, shared (not copied) by every suffix
+            layer.keys, layer.values = layer.keys.expand(n, -1, -1, -1), layer.values.expand(n, -1, -1, -1)
+            s.suffixes = block.module(s.suffixes, attention_mask=s.suffix_mask, cache=s.cache, use_cache=True,
+                                      position_embeddings=s.suffix_embeddings)
+        elif block.role is Role.NORM:
+            s.hidden = block.module(torch.cat([s.prefix[:, -1:].expand(n, -1, -1), s.suffixes], dim=1))
+        elif block.role is Role.HEAD:
+            logp = torch.log_softmax(block.module(s.hidden[:, :-1]).float(), dim=-1)
+            token_logp = logp.gather(-1, s.suffix[..., None])[..., 0]
+            real = torch.arange(S, device=self.device)[None] < s.lengths[:, None]
+            s.scores = (token_logp * real).sum(-1)
 
     @property
     def bytes_per_pass(self) -> int:

@@ -284,6 +284,51 @@ def test_score_prefix_is_causal_under_eager_and_sdpa(tmp_path, tiny_llama_config
     torch.testing.assert_close(scores, separate_scores(model, TINY_PREFIX, TINY_SUFFIXES), rtol=1e-5, atol=1e-5)
 
 
+QUESTIONS = [(TINY_PREFIX, TINY_SUFFIXES), (torch.tensor([9, 8, 7]), [[1, 2], [3]]),
+             (torch.tensor([4] * 12), [[5, 6, 7, 8], [9], [10, 11]])]
+
+
+def test_score_many_equals_score_and_reads_each_block_once(tmp_path, tiny_llama_config):
+    _, layers = write_split(tmp_path, tiny_llama_config())
+    with LayerStreamer(layers, device="cpu", dtype="fp32", progress=False) as st:
+        one_by_one, bytes_one = [], 0
+        for prefix, suffixes in QUESTIONS:
+            one_by_one.append(st.score(prefix, suffixes))
+            bytes_one += st.bytes_per_pass
+        passes = []
+        run_pass = st.run_pass
+        st.run_pass = lambda *a, **k: (passes.append(1), run_pass(*a, **k))[1]
+        together = st.score_many(QUESTIONS)
+        assert len(passes) == 1 and len(st.timeline) == len(st.blocks)  # every block read once for all three
+        assert st.bytes_per_pass < bytes_one
+        for got, want in zip(together, one_by_one):
+            assert got.dtype is torch.float32 and got.device.type == "cpu"
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+        # a cap on the activations carried between blocks splits the questions into passes, in order
+        per_token = st.config.hidden_size * 4
+        sizes = [(len(p) + sum(max(map(len, s)) for _ in s)) * per_token for p, s in QUESTIONS]
+        passes.clear()
+        assert sizes[0] + sizes[1] <= sizes[2] < sizes[1] + sizes[2]  # so: (0, 1) in one pass, then (2)
+        capped = st.score_many(QUESTIONS, max_carried_bytes=sizes[2])
+        assert len(passes) == 2
+        for got, want in zip(capped, one_by_one):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_score_many_checks_every_question_before_reading(tmp_path, tiny_llama_config):
+    _, layers = write_split(tmp_path, tiny_llama_config())
+    with LayerStreamer(layers, device="cpu", dtype="fp32", progress=False) as st:
+        st.run_pass = lambda *a, **k: pytest.fail("a block was read before the questions were checked")
+        with pytest.raises(ValueError, match="non-empty list"):
+            st.score_many([])
+        with pytest.raises(ValueError, match=r"questions\[1\] must be a \(prefix_ids, suffix_ids\) pair"):
+            st.score_many([QUESTIONS[0], TINY_PREFIX])
+        with pytest.raises(ValueError, match=r"questions\[2\] suffix_ids\[0\] holds ids outside"):
+            st.score_many([QUESTIONS[0], QUESTIONS[1], (TINY_PREFIX, [[10**6]])])
+        with pytest.raises(ValueError, match=r"questions\[0\] alone carries \d+ bytes"):
+            st.score_many(QUESTIONS, max_carried_bytes=16)
+
+
 def family_configs():
     from transformers import MistralConfig, Qwen2Config
 
