@@ -258,15 +258,19 @@ class BlockSource:
             return None
         return self._dropper.submit(tensorfiles.drop_page_cache, *(path for path, _ in self.files[self.names[i]]))
 
-    def stream(self, rows: Optional[Mapping[str, torch.Tensor]] = None) -> Iterator[LoadedBlock]:
-        """Every block in execution order; with ``prefetch`` the reader thread reads block i + 1 while the caller
-        uses block i. ``rows``: {lookup table's block name: the rows this pass looks up}. Block i is released
-        when the caller asks for block i + 1. Close the iterator (``contextlib.closing``) if you stop early."""
+    def stream(self, rows: Optional[Mapping[str, torch.Tensor]] = None,
+               indices: Optional[Sequence[int]] = None) -> Iterator[LoadedBlock]:
+        """The blocks ``indices`` (default: every block) in that order; with ``prefetch`` the reader thread reads
+        the next one while the caller uses this one. ``rows``: {lookup table's block name: the rows this pass
+        looks up}. A block is released when the caller asks for the next. Close the iterator
+        (``contextlib.closing``) if you stop early."""
         self._check_open()  # here, in the caller's thread: not as a reader thread's refusal to start
-        rows, n = rows or {}, len(self.names)
+        rows = rows or {}
+        order = list(range(len(self.names)) if indices is None else indices)
+        n = len(order)
 
-        def read(i: int) -> LoadedBlock:
-            return self.load(i, rows.get(self.names[i]))
+        def read(k: int) -> LoadedBlock:
+            return self.load(order[k], rows.get(self.names[order[k]]))
 
         pending: Optional[Future] = None
         drops = []
@@ -280,7 +284,7 @@ class BlockSource:
                 else:
                     loaded = read(i)
                 yield loaded
-                drops.append(self.release(i))
+                drops.append(self.release(order[i]))
             for done in drops:
                 if done is not None:
                     done.result()  # raises here if dropping a file's pages failed
@@ -406,10 +410,15 @@ class LayerStreamer:
     background thread while block i computes. ``drop_page_cache``: forget each block's file pages once the
     block is done, so that every pass reads the disk (Linux); kept as ``cold``. ``attn_implementation``:
     transformers' attention ("sdpa", "eager", ...; default: transformers' choice for the config).
+    ``resident_bytes``: a budget (bytes, or a size such as "2GB") of blocks that stay on the device after their
+    first read and are never read again: in execution order, each block whose weights (in the compute dtype)
+    still fit; ``resident_blocks`` names those held now. The budget is for the weights only: the pass still
+    needs room for one or two streamed blocks and the activations beside them.
     Results are on the CPU whatever ``device``: ``forward`` float32 logits, ``score`` float32 scores,
     ``generate`` int64 ids.
     After each pass, ``timeline`` holds one record per block: ``block``, ``bytes``, ``read_start``,
-    ``read_end``, ``compute_start``, ``compute_end`` (seconds since the pass started). On the CPU all four
+    ``read_end``, ``compute_start``, ``compute_end`` (seconds since the pass started), and ``resident`` (True:
+    held from an earlier pass, nothing read, ``bytes`` 0). On the CPU all four
     are host clock times. On CUDA, ``read_start`` is host time and the other three come from CUDA events
     (``read_end``: the block's copy and conversion done on the copy stream; ``compute_*``: its kernels on the
     compute stream), measured from an event recorded as the pass starts; the host launches kernels ahead of
@@ -421,11 +430,21 @@ class LayerStreamer:
 
     def __init__(self, layer_dir: Union[str, Path], *, device: Union[str, torch.device, None] = None,
                  dtype: Union[torch.dtype, str, None] = None, prefetch: bool = True, drop_page_cache: bool = False,
-                 progress: bool = True, attn_implementation: Optional[str] = None):
+                 progress: bool = True, attn_implementation: Optional[str] = None,
+                 resident_bytes: Union[int, str] = 0):
         from transformers import AutoConfig, AutoModelForCausalLM
+
+        from helpers.memory import parse_size
 
         self.layer_dir = Path(layer_dir)
         names = tensorfiles.read_layer_index(self.layer_dir).blocks  # first: a folder that is no split fails clearly
+        if isinstance(resident_bytes, bool) or not isinstance(resident_bytes, (int, str)):
+            raise ValueError(f"resident_bytes must be a byte count (an int, or a size such as '2GB'); got "
+                             f"{resident_bytes!r}")
+        try:
+            resident_bytes = parse_size(resident_bytes)
+        except ValueError as e:
+            raise ValueError(f"resident_bytes must be >= 0: {e}") from None
         if dtype is not None:
             dtype = parse_dtype(dtype)
             if not dtype.is_floating_point:
@@ -447,11 +466,24 @@ class LayerStreamer:
         self.source = BlockSource(self.layer_dir, device=self.device, dtype=self.dtype, prefetch=prefetch,
                                   cold=drop_page_cache)
         self.timeline: list[dict] = []
+        # Blocks that stay on the device after their first read: in execution order, each that still fits
+        self.resident_bytes, self._keep, left = resident_bytes, set(), resident_bytes
+        for i, block in enumerate(self.blocks):
+            need = sum(p.numel() for p in block.module.parameters()) * self.dtype.itemsize
+            if need <= left:
+                self._keep.add(i)
+                left -= need
+        self._resident: set[int] = set()  # of those, the ones read already
 
     @property
     def prefetch(self) -> bool:
         """Whether block i + 1 is read while block i computes."""
         return self.source.prefetch
+
+    @property
+    def resident_blocks(self) -> list[str]:
+        """Names of the blocks held on the device now (read once, never again), in execution order."""
+        return [self.blocks[i].name for i in sorted(self._resident)]
 
     @property
     def cold(self) -> bool:
@@ -478,10 +510,16 @@ class LayerStreamer:
         t0, timeline, events = time.perf_counter(), [], []
         bar = tqdm(total=len(self.blocks), desc=desc, unit="block", leave=False, disable=not self.progress)
         try:
-            with closing(self.source.stream(rows)) as loads:
-                for loaded in loads:
-                    block = self.blocks[loaded.index]
-                    block.module.load_state_dict(self.source.take(loaded), strict=True, assign=True)
+            resident = set(self._resident)  # read in an earlier pass: not read in this one
+            streamed = [i for i in range(len(self.blocks)) if i not in resident]
+            with closing(self.source.stream(rows, streamed)) as loads:
+                for i, block in enumerate(self.blocks):
+                    if i in resident:
+                        loaded = None
+                        r = time.perf_counter()
+                    else:
+                        loaded = next(loads)
+                        block.module.load_state_dict(self.source.take(loaded), strict=True, assign=True)
                     c0 = time.perf_counter()
                     if cuda:
                         e0, e1 = timed(), timed()
@@ -490,25 +528,39 @@ class LayerStreamer:
                         step(block)
                     if cuda:
                         e1.record(compute_stream)
-                        events.append((loaded.event, e0, e1))
+                        events.append((None if loaded is None else loaded.event, e0, e1))
                         # wait for this block's kernels only, not the whole device (the copy stream runs on): the
                         # host may not queue block after block while their copies pile up on the card, so at most
                         # two blocks of weights are there, this one and the next, which the reader is copying
                         e1.synchronize()
                     c1 = time.perf_counter()
-                    block.module.to("meta")  # free the block's weights (on the CPU: unmap its file)
-                    timeline.append({"block": block.name, "bytes": loaded.bytes, "read_start": loaded.read_start - t0,
-                                     "read_end": loaded.read_end - t0, "compute_start": c0 - t0,
-                                     "compute_end": c1 - t0})
+                    if i in self._keep:
+                        if i not in resident:  # resident from now on, for every later pass
+                            if not cuda:  # on the CPU its tensors map the file: copy them into memory of its own
+                                block.module._apply(torch.clone)
+                            self._resident.add(i)
+                    else:
+                        block.module.to("meta")  # free the block's weights (on the CPU: unmap its file)
+                    if loaded is None:
+                        read_start = read_end = r - t0
+                        nbytes = 0
+                    else:
+                        read_start, read_end, nbytes = loaded.read_start - t0, loaded.read_end - t0, loaded.bytes
+                    timeline.append({"block": block.name, "bytes": nbytes, "read_start": read_start,
+                                     "read_end": read_end, "compute_start": c0 - t0, "compute_end": c1 - t0,
+                                     "resident": loaded is None})
                     bar.update()
             if cuda:  # every block's kernels have run (the last wait above): the events' times
                 for record, (copied, e0, e1) in zip(timeline, events):
-                    record.update(read_end=start.elapsed_time(copied) / 1e3, compute_start=start.elapsed_time(e0) / 1e3,
+                    read_end = record["read_end"] if copied is None else start.elapsed_time(copied) / 1e3
+                    record.update(read_end=read_end, compute_start=start.elapsed_time(e0) / 1e3,
                                   compute_end=start.elapsed_time(e1) / 1e3)
         finally:
             bar.refresh()  # the bar's last state is shown (and saved in a notebook) complete, not mid-way
             bar.close()
-            self.model.to("meta")
+            for i, block in enumerate(self.blocks):  # all but the resident blocks back to meta, even on an error
+                if i not in self._resident:
+                    block.module.to("meta")
         self.timeline = timeline
 
     # ------------------------------------------------------------------ inputs
@@ -745,8 +797,11 @@ class LayerStreamer:
 
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:
-        """Stop the reader threads and free the read buffers (the source's). Closing twice is harmless."""
+        """Stop the reader threads, free the read buffers (the source's) and the resident blocks. Closing twice is
+        harmless."""
         self.source.close()
+        self.model.to("meta")
+        self._resident.clear()
 
     def __enter__(self) -> "LayerStreamer":
         return self

@@ -329,6 +329,39 @@ def test_score_many_checks_every_question_before_reading(tmp_path, tiny_llama_co
             st.score_many(QUESTIONS, max_carried_bytes=16)
 
 
+def test_resident_blocks_are_read_once_and_change_nothing(tmp_path, tiny_llama_config):
+    model, layers = write_split(tmp_path, tiny_llama_config())
+    ids = torch.tensor([[1, 5, 9, 77, 3, 100]])
+    with torch.inference_mode():
+        ref = model(ids).logits
+    with LayerStreamer(layers, device="cpu", dtype="fp32", progress=False) as st:
+        sizes = [sum(p.numel() for p in b.module.parameters()) * 4 for b in st.blocks]
+        names = [b.name for b in st.blocks]
+        st.forward(ids)
+        full = st.bytes_per_pass
+    budget = sizes[0] + sizes[1]  # exactly the embedding and the first layer: nothing after them fits
+    with LayerStreamer(layers, device="cpu", dtype="fp32", progress=False, resident_bytes=budget) as st:
+        assert st.resident_blocks == []
+        first = st.forward(ids)
+        assert st.resident_blocks == names[:2]
+        reads = []
+        load = st.source.load
+        st.source.load = lambda i, rows=None: (reads.append(i), load(i, rows))[1]
+        second = st.forward(ids)
+        assert sorted(reads) == list(range(2, len(names)))  # the embedding's rows too: it is mapped, whole
+        assert [r["resident"] for r in st.timeline] == [n in names[:2] for n in names]
+        assert st.bytes_per_pass < full
+        torch.testing.assert_close(first, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(second, ref, rtol=1e-5, atol=1e-5)
+        assert torch.equal(st.generate(ids, 3), LayerStreamer(layers, device="cpu", dtype="fp32",
+                                                             progress=False).generate(ids, 3))
+    assert st.resident_blocks == []  # closing frees them
+    with pytest.raises(ValueError, match="resident_bytes must be >= 0"):
+        LayerStreamer(layers, resident_bytes=-1)
+    with pytest.raises(ValueError, match="resident_bytes must be a byte count"):
+        LayerStreamer(layers, resident_bytes=1.5)
+
+
 def family_configs():
     from transformers import MistralConfig, Qwen2Config
 
