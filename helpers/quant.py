@@ -9,6 +9,9 @@ checks that the dequantized weights agree with ``bitsandbytes.functional``.
 * ``quantize_4bit``: blocks of 64 weights, each scaled by its absmax onto 16 levels (NF4 or FP4),
   two 4-bit codes per byte, optionally with the block scales themselves quantized to 8 bits
   ("double quantization", QLoRA).
+* ``model_bytes``: what a loaded (bitsandbytes) model really keeps, its ``quant_state`` included.
+* ``token_metrics`` and ``bootstrap_ci``: quality against a reference model, per token, with a
+  block-bootstrap confidence interval.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import torch
 from .arithmetic import BNB_4BIT_BLOCKSIZE, BNB_NESTED_BLOCKSIZE  # 64 weights per absmax; 256 absmaxes per scale
 
 __all__ = ["nf4_levels", "fp4_levels", "dynamic_map", "RowwiseInt8", "quantize_int8", "int8_matmul",
-           "quantize_blocks", "dequantize_blocks", "Blockwise4bit", "quantize_4bit"]
+           "quantize_blocks", "dequantize_blocks", "Blockwise4bit", "quantize_4bit", "model_bytes",
+           "token_metrics", "bootstrap_ci"]
 
 NF4_OFFSET = 0.9677083  # the outermost quantile QLoRA uses (about 1.85 standard deviations)
 
@@ -193,3 +197,79 @@ def quantize_4bit(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = BNB
         nested_codes, q.nested_absmax = quantize_blocks(absmax - q.offset, BNB_NESTED_BLOCKSIZE, dynamic_map())
         q.absmax = nested_codes[: absmax.numel()]
     return q
+
+
+# --------------------------------------------------------------------------- what a loaded model keeps
+
+def _quant_state_tensors(param) -> list[torch.Tensor]:
+    """The tensors bitsandbytes keeps beside a quantized weight: a 4-bit weight's ``quant_state`` (absmax,
+    code book, and the nested absmax/code/offset of double quantization), an int8 weight's ``SCB``."""
+    state = getattr(param, "quant_state", None)
+    if state is not None:
+        tensors = [state.absmax, state.code, getattr(state, "offset", None)]
+        if getattr(state, "state2", None) is not None:
+            tensors += [state.state2.absmax, state.state2.code]
+        return [t for t in tensors if isinstance(t, torch.Tensor)]
+    scb = getattr(param, "SCB", None)
+    return [scb] if isinstance(scb, torch.Tensor) else []
+
+
+def model_bytes(model: torch.nn.Module) -> dict[str, int]:
+    """Bytes a model keeps: ``{"parameters": ..., "buffers": ..., "quant_state": ...}``, each storage counted
+    once (tied weights, shared code books). ``quant_state`` is what bitsandbytes holds outside the parameters
+    (block absmaxes, nested absmaxes, code books, int8 row scales), which ``get_memory_footprint()`` leaves
+    out. Built in chapter 06."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    seen: set[tuple[str, int]] = set()
+
+    def size(tensors) -> int:
+        total = 0
+        for t in tensors:
+            key = (t.device.type, t.untyped_storage().data_ptr())
+            if key not in seen:
+                seen.add(key)
+                total += t.untyped_storage().nbytes()
+        return total
+
+    params = list(model.parameters())
+    state = [t for p in params for t in _quant_state_tensors(p)]
+    for module in model.modules():  # after its first forward, Linear8bitLt moves SCB from the weight to module.state
+        scb = getattr(getattr(module, "state", None), "SCB", None)
+        if isinstance(scb, torch.Tensor):
+            state.append(scb)
+    return {"parameters": size(params), "buffers": size(model.buffers()), "quant_state": size(state)}
+
+
+# --------------------------------------------------------------------------- quality against a reference
+
+def token_metrics(logits: torch.Tensor, ref_logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-token quality of ``logits`` against a reference model's ``ref_logits`` (both ``(tokens, vocab)``,
+    predicting ``targets``): ``nll`` (negative log-likelihood of the target, nats), ``kl`` (KL(ref || model),
+    nats) and ``agree`` (1.0 where both pick the same top-1 token). Built in chapter 06."""
+    if logits.ndim != 2 or logits.shape != ref_logits.shape or targets.shape != logits.shape[:1]:
+        raise ValueError(f"expected logits and ref_logits of one shape (tokens, vocab) and targets (tokens,), got "
+                         f"{tuple(logits.shape)}, {tuple(ref_logits.shape)} and {tuple(targets.shape)}")
+    logp, ref_logp = logits.double().log_softmax(-1), ref_logits.double().log_softmax(-1)
+    return {"nll": -logp.gather(1, targets.view(-1, 1).long()).squeeze(1),
+            "kl": (ref_logp.exp() * (ref_logp - logp)).sum(-1).clamp(min=0),
+            "agree": (logits.argmax(-1) == ref_logits.argmax(-1)).double()}
+
+
+def bootstrap_ci(values: torch.Tensor, *, block: int = 64, n_resamples: int = 2000, level: float = 0.95,
+                 seed: int = 0) -> tuple[float, float, float]:
+    """The mean of per-token ``values`` and a ``level`` confidence interval for it, by a block bootstrap:
+    neighbouring tokens are correlated, so whole runs of ``block`` tokens are resampled with replacement.
+    Returns ``(mean, low, high)``. Built in chapter 06."""
+    if not isinstance(values, torch.Tensor) or values.ndim != 1 or values.numel() < 2 * block:
+        raise ValueError(f"values must be a 1-D tensor of at least 2 * block = {2 * block} values, got "
+                         f"{type(values).__name__} {tuple(getattr(values, 'shape', ()))}")
+    if not 0 < level < 1:
+        raise ValueError(f"level {level!r} must be between 0 and 1")
+    n_blocks = values.numel() // block
+    sums = values[: n_blocks * block].double().view(n_blocks, block).sum(1)
+    g = torch.Generator().manual_seed(seed)
+    picks = torch.randint(0, n_blocks, (n_resamples, n_blocks), generator=g)
+    means = sums[picks].sum(1) / (n_blocks * block)
+    low, high = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)).tolist()
+    return values.double().mean().item(), low, high

@@ -1,5 +1,6 @@
 """helpers.quant (chapter 06) agrees with bitsandbytes and with helpers.arithmetic."""
 
+import bitsandbytes as bnb
 import bitsandbytes.functional as F  # a requirement of the book: never skip this file for want of it
 import pytest
 import torch
@@ -131,3 +132,112 @@ def test_blocks_round_trip_to_the_nearest_level():
     back = Q.dequantize_blocks(codes, absmax, 64, levels)[:100]
     half_gap = (levels.diff().max() / 2) * absmax.repeat_interleave(64)[:100]
     assert ((back - x).abs() <= half_gap + 1e-7).all()
+
+
+# --------------------------------------------------------------------------- bitsandbytes layers, CPU and CUDA
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def _linear4bit(w, quant_type, device, double_quant=False):
+    layer = bnb.nn.Linear4bit(w.shape[1], w.shape[0], bias=False, compute_dtype=torch.float16,
+                              compress_statistics=double_quant, quant_type=quant_type)
+    layer.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type=quant_type, compress_statistics=double_quant)
+    return layer.to(device)  # bitsandbytes quantizes on the move to a device
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_linear4bit_layer_matches_helpers(device, quant_type):
+    """bitsandbytes' Linear4bit (its CUDA kernels on a GPU) stores what quantize_4bit computes, and its
+    output is the product with our dequantized weight, within fp16 rounding (1 % of the largest output)."""
+    w = _weight((256, 512), seed=3).half()
+    layer = _linear4bit(w, quant_type, device)
+    ours = Q.quantize_4bit(w, quant_type)
+    state = layer.weight.quant_state
+    assert torch.equal(state.absmax.cpu(), ours.absmax)
+    theirs = F.dequantize_4bit(layer.weight.data, state).float().cpu()
+    # a weight exactly between two levels may round either way; nowhere else may they differ
+    differ = (theirs - ours.dequantize().float()).abs() > 1e-6 * w.abs().max().item()
+    assert differ.float().mean() < 1e-3
+    if quant_type == "nf4":
+        assert (layer.weight.data.view(-1).cpu() != ours.packed).float().mean() < 1e-3
+    for tokens in (1, 8):  # batch 1 takes the inference kernel (gemv_4bit) on a GPU, more tokens the general one
+        x = torch.randn(tokens, 512, generator=torch.Generator().manual_seed(tokens)).half()
+        with torch.no_grad():
+            y = layer(x.to(device)).float().cpu()
+        ref = x.float() @ ours.dequantize().float().T
+        assert (y - ref).abs().max() <= 1e-2 * ref.abs().max()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear8bitlt_layer_matches_helpers(device):
+    """bitsandbytes' Linear8bitLt (LLM.int8, an int8 GEMM plus a 16-bit product for outlier columns) stores
+    quantize_int8's codes and scales, and its output agrees with int8_matmul within 1 % of the largest output."""
+    w = _weight((256, 512), seed=4).half()
+    layer = bnb.nn.Linear8bitLt(512, 256, bias=False, has_fp16_weights=False, threshold=6.0)
+    layer.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
+    layer = layer.to(device)
+    ours = Q.quantize_int8(w)
+    assert torch.equal(layer.weight.SCB.float().cpu(), ours.absmax)
+    step = (layer.weight.CB.cpu().int() - ours.q.int()).abs()
+    assert step.max() <= 1 and (step > 0).float().mean() < 1e-3  # a code may differ only where rounding ties
+    x = torch.randn(8, 512, generator=torch.Generator().manual_seed(5)).half()
+    x[:, 7] = 20.0  # an outlier feature: bitsandbytes and int8_matmul both take column 7 out of int8
+    with torch.no_grad():
+        y = layer(x.to(device)).float().cpu()
+    ref = Q.int8_matmul(x.float(), ours, threshold=6.0)
+    assert (y - ref).abs().max() <= 1e-2 * ref.abs().max()
+    # the forward pass moved the row scales to layer.state; model_bytes still finds them
+    assert Q.model_bytes(layer)["quant_state"] == 256 * 4
+
+
+# --------------------------------------------------------------------------- footprint and quality measures
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_model_bytes_counts_quant_state(double_quant):
+    w = _weight((128, 256), seed=6)
+    model = torch.nn.Sequential(_linear4bit(w, "nf4", "cpu", double_quant=double_quant), torch.nn.LayerNorm(128))
+    sizes = Q.model_bytes(model)
+    ours = Q.quantize_4bit(w, "nf4", double_quant=double_quant)
+    state = model[0].weight.quant_state
+    code_bytes = state.code.nbytes + (state.state2.code.nbytes if double_quant else 0)
+    assert sizes["parameters"] == ours.packed.numel() + 2 * 128 * 4  # packed weight + LayerNorm weight and bias
+    assert sizes["quant_state"] == ours.nbytes - ours.packed.numel() + code_bytes
+    assert sizes["quant_state"] > 0 and sizes["buffers"] == 0
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        Q.model_bytes(w)
+
+
+def test_model_bytes_counts_tied_weights_once():
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10, bias=False))
+    model[1].weight = model[0].weight
+    assert Q.model_bytes(model) == {"parameters": 10 * 4 * 4, "buffers": 0, "quant_state": 0}
+
+
+def test_token_metrics():
+    g = torch.Generator().manual_seed(7)
+    ref = torch.randn(50, 32, generator=g)
+    targets = torch.randint(0, 32, (50,), generator=g)
+    same = Q.token_metrics(ref.clone(), ref, targets)
+    assert torch.allclose(same["kl"], torch.zeros(50, dtype=torch.float64), atol=1e-12) and same["agree"].all()
+    assert torch.allclose(same["nll"], torch.nn.functional.cross_entropy(ref.double(), targets, reduction="none"))
+    noisy = Q.token_metrics(ref + torch.randn(50, 32, generator=g), ref, targets)
+    assert (noisy["kl"] > 0).all() and 0 < noisy["agree"].mean() < 1
+    with pytest.raises(ValueError, match="tokens, vocab"):
+        Q.token_metrics(ref, ref[:, :10], targets)
+
+
+def test_bootstrap_ci():
+    g = torch.Generator().manual_seed(8)
+    values = torch.randn(4096, generator=g) + 3.0
+    mean, low, high = Q.bootstrap_ci(values)
+    assert low < mean < high and low < 3.0 < high and high - low < 0.2
+    # a block of identical values is one observation, not 64: the interval must widen
+    runs = values[::64].repeat_interleave(64)
+    _, low_r, high_r = Q.bootstrap_ci(runs)
+    assert high_r - low_r > 3 * (high - low)
+    with pytest.raises(ValueError, match="1-D tensor"):
+        Q.bootstrap_ci(values[:100])
+    with pytest.raises(ValueError, match="level"):
+        Q.bootstrap_ci(values, level=1.5)
