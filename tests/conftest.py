@@ -29,6 +29,11 @@ TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, nu
                   num_key_value_heads=2, vocab_size=128, tie_word_embeddings=False)
 
 
+def pytest_configure(config):
+    # registered here as well as in pyproject.toml, so that the tests run copied out of a checkout too
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU; skipped without one")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
