@@ -4,13 +4,14 @@ Built in chapter 03. A safetensors file is an 8-byte little-endian header length
 (``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}``) and then the raw
 bytes, offsets counted from the end of the header; ``helpers.tensorfiles.read_header`` parses it. A sharded
 checkpoint adds ``model.safetensors.index.json`` whose ``weight_map`` says which shard holds each name.
-Everything here reads headers only, except ``read_tensor`` and ``split_by_layer``.
+Everything here reads headers only, except ``read_tensor`` and ``split_by_layer``. Chapter 08 adds
+``split_by_layer(..., compression="int8" | "nf4")``: a split whose linear weights are stored in 8 or 4 bits
+(``helpers.quant.compress_state``), fewer bytes for a layer streamer to read on every pass.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +21,11 @@ import numpy as np
 import torch
 
 from .memory import format_size
-from .tensorfiles import (INDEX, LAYERS_FORMAT, LAYERS_INDEX, SINGLE, ST_DTYPES, CheckpointError, Header, LayerIndex, cache_key,
-                          file_key, why_stale, read_header, save_safetensors, staging_dir, weight_map,
-                          write_manifest)
+from .quant import COMPRESSIONS, compress_state, compressed_specs
+from .tensorfiles import (INDEX, LAYERS_FORMAT, LAYERS_INDEX, MANIFEST, SINGLE, ST_DTYPES, CheckpointError, Header,
+                          LayerIndex, block_of, block_order, cache_key, file_key, why_stale, read_header,
+                          save_safetensors, staging_dir,
+                          weight_map, write_manifest)
 
 __all__ = ["CheckpointError", "TensorInfo", "CheckpointInfo", "read_tensor", "inspect_checkpoint",
            "validate_checkpoint", "split_by_layer"]
@@ -211,30 +214,34 @@ def validate_checkpoint(path: PathLike, model: torch.nn.Module, *, check_dtype: 
 
 # --------------------------------------------------------------------------- split by layer
 
-def _block_of(name: str) -> str:
-    """The top-level block a tensor belongs to: ``model.layers.3`` for layer 3, else its parent module."""
-    match = re.match(r"^(.*\.layers\.\d+)\.", name)
-    return match.group(1) if match else name.rsplit(".", 1)[0]
+def _split_compression(out_dir: Path) -> Optional[str]:
+    """The compression an existing split of helpers was made with (None for a plain one), from its manifest."""
+    try:
+        return json.loads((out_dir / MANIFEST).read_text())["info"].get("compression")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
-def _block_order(block: str) -> tuple:
-    match = re.match(r"^.*\.layers\.(\d+)$", block)
-    if block.endswith("embed_tokens"):
-        return (0, 0)
-    if match:
-        return (2, int(match.group(1)))
-    return (4, 0) if block == "lm_head" else (3, 0) if block.endswith(".norm") else (1, 0)
-
-
-def split_by_layer(path: PathLike, out_dir: PathLike, *, progress: bool = True) -> Path:
+def split_by_layer(path: PathLike, out_dir: PathLike, *, compression: Optional[str] = None,
+                   progress: bool = True) -> Path:
     """Rewrite a safetensors checkpoint as one file per top-level block plus ``layers.index.json``. Built in chapter 03.
 
     The split is built in a temporary folder and appears as ``out_dir`` only once complete. Called again
-    with the same source, it returns the existing split without reading anything.
+    with the same source and compression, it returns the existing split without reading anything; a split
+    of another source or another compression is refused, never overwritten.
+
+    ``compression`` (chapter 08): None keeps every tensor as the checkpoint stores it; ``"int8"`` or ``"nf4"``
+    stores each linear weight (q/k/v/o, gate/up/down projections, an untied ``lm_head``) in 8 or 4 bits through
+    ``helpers.quant.compress_state``, and the streamer rebuilds it with ``decompress_state``. The embeddings and
+    norms stay as they are, and so does a tied ``lm_head`` (SmolLM2's): it is the embedding table, stored once.
+    The index records the compression, and its ``bytes`` are the bytes really stored. A compressed split is
+    not a checkpoint ``from_pretrained`` or ``validate_checkpoint`` can read.
     """
     from safetensors import safe_open
     from tqdm.auto import tqdm
 
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"compression {compression!r} must be one of {', '.join(map(repr, COMPRESSIONS))}")
     path, out_dir = Path(path), Path(out_dir)
     root, names = weight_map(path)
     if not (root / "config.json").is_file():
@@ -242,11 +249,15 @@ def split_by_layer(path: PathLike, out_dir: PathLike, *, progress: bool = True) 
     missing = sorted(set(names.values()) - {p.name for p in root.iterdir()})
     if missing:
         raise CheckpointError(root, [f"{m}: shard file is missing" for m in missing])
-    key = cache_key(split_of=file_key(*(root / f for f in sorted(set(names.values())))), format=LAYERS_FORMAT)
+    key = cache_key(split_of=file_key(*(root / f for f in sorted(set(names.values())))), format=LAYERS_FORMAT,
+                    **({"compression": compression} if compression else {}))  # plain splits keep their old key
     if out_dir.exists() and any(out_dir.iterdir()):
         problems = why_stale(out_dir, key)
         if not problems:
             return out_dir
+        stored = _split_compression(out_dir)
+        if (out_dir / MANIFEST).is_file() and stored != compression:
+            problems.insert(0, f"it was split with compression={stored!r}, not compression={compression!r}")
         raise FileExistsError(f"{out_dir} exists and is not a complete split of {root} ({'; '.join(problems)}); "
                               "remove it or choose another out_dir")
 
@@ -256,26 +267,33 @@ def split_by_layer(path: PathLike, out_dir: PathLike, *, progress: bool = True) 
     blocks: dict[str, list[str]] = {}
     for name in names:
         if not (tied and name == "lm_head.weight"):
-            blocks.setdefault(_block_of(name), []).append(name)
-    order = sorted(blocks, key=_block_order)
-    nbytes = {b: sum(int(np.diff(headers[names[k]].tensors[k]["data_offsets"])[0]) for k in blocks[b]) for b in order}
+            blocks.setdefault(block_of(name), []).append(name)
+    order = sorted(blocks, key=block_order)
+    source_bytes = {b: sum(int(np.diff(headers[names[k]].tensors[k]["data_offsets"])[0]) for k in blocks[b])
+                    for b in order}
+    specs = [(k, headers[names[k]].tensors[k]["shape"], ST_DTYPES[headers[names[k]].tensors[k]["dtype"]])
+             for b in order for k in blocks[b]]
+    compressed_specs(specs, compression)  # a shape nf4 cannot store is refused before anything is written
 
+    nbytes = {}
     with staging_dir(out_dir) as tmp:
-        bar = tqdm(total=sum(nbytes.values()), unit="B", unit_scale=True, desc="splitting by layer",
+        bar = tqdm(total=sum(source_bytes.values()), unit="B", unit_scale=True, desc="splitting by layer",
                    disable=not progress)
         for block in order:
             tensors = {}
             for shard in dict.fromkeys(names[k] for k in blocks[block]):
                 with safe_open(root / shard, framework="pt") as f:  # mmap: pages are read as they are copied
                     tensors.update({k: f.get_tensor(k) for k in blocks[block] if names[k] == shard})
-            save_safetensors(tmp / f"{block}.safetensors", tensors, metadata={"format": "pt"})
+            nbytes[block] = save_safetensors(tmp / f"{block}.safetensors", compress_state(tensors, compression),
+                                             metadata={"format": "pt"})
             del tensors
-            bar.update(nbytes[block])
+            bar.update(source_bytes[block])
         bar.close()
         for name in AUX_FILES:
             if (root / name).is_file():
                 shutil.copyfile(root / name, tmp / name)
         LayerIndex(blocks=order + (["lm_head"] if tied else []), files={b: f"{b}.safetensors" for b in order},
-                   tied={"lm_head.weight": "model.embed_tokens.weight"} if tied else {}, bytes=nbytes).write(tmp)
-        write_manifest(tmp, key, source=str(root))
+                   tied={"lm_head.weight": "model.embed_tokens.weight"} if tied else {}, bytes=nbytes,
+                   compression=compression).write(tmp)
+        write_manifest(tmp, key, source=str(root), compression=compression)
     return out_dir

@@ -12,20 +12,28 @@ checks that the dequantized weights agree with ``bitsandbytes.functional``.
 * ``model_bytes``: what a loaded (bitsandbytes) model really keeps, its ``quant_state`` included.
 * ``token_metrics`` and ``bootstrap_ci``: quality against a reference model, per token, with a
   block-bootstrap confidence interval.
+
+Built in chapter 08 (layer streaming): ``compress_state`` / ``decompress_state``, the codec of compressed
+per-layer splits (``split_by_layer(..., compression="int8" | "nf4")``). A streamer reads every byte of the
+model on every pass, so storing the linear weights in 8 or 4 bits cuts the bytes read, as AirLLM and FlexGen do.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import Optional
+from functools import lru_cache
+from typing import Mapping, Optional, Sequence
 
 import torch
 
 from .arithmetic import BNB_4BIT_BLOCKSIZE, BNB_NESTED_BLOCKSIZE  # 64 weights per absmax; 256 absmaxes per scale
+from .tensorfiles import COMPRESSIONS  # (None, "int8", "nf4"): what a per-layer split may store
 
 __all__ = ["nf4_levels", "fp4_levels", "dynamic_map", "RowwiseInt8", "quantize_int8", "int8_matmul",
            "quantize_blocks", "dequantize_blocks", "Blockwise4bit", "quantize_4bit", "model_bytes",
-           "token_metrics", "bootstrap_ci"]
+           "token_metrics", "bootstrap_ci", "COMPRESSIONS", "is_linear_weight", "compressed_specs",
+           "compress_state", "decompress_state"]
 
 NF4_OFFSET = 0.9677083  # the outermost quantile QLoRA uses (about 1.85 standard deviations)
 
@@ -128,14 +136,14 @@ def quantize_blocks(x: torch.Tensor, blocksize: int, levels: torch.Tensor) -> tu
     blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, blocksize)
     absmax = blocks.abs().amax(dim=1)
     scaled = (blocks * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1)).clamp(-1, 1)
-    midpoints = (levels[:-1] + levels[1:]) / 2
+    midpoints = ((levels[:-1] + levels[1:]) / 2).to(flat.device)
     return torch.bucketize(scaled, midpoints).to(torch.uint8).reshape(-1), absmax
 
 
 def dequantize_blocks(codes: torch.Tensor, absmax: torch.Tensor, blocksize: int,
                       levels: torch.Tensor) -> torch.Tensor:
     """The inverse of ``quantize_blocks``: ``levels[code]`` times its block's absmax. Built in chapter 06."""
-    values = levels[codes.long()]
+    values = levels.to(codes.device)[codes.long()]
     pad = -values.numel() % blocksize
     blocks = torch.nn.functional.pad(values, (0, pad)).view(-1, blocksize) * absmax.unsqueeze(1)
     return blocks.reshape(-1)[: codes.numel()]
@@ -273,3 +281,108 @@ def bootstrap_ci(values: torch.Tensor, *, block: int = 64, n_resamples: int = 20
     means = sums[picks].sum(1) / (n_blocks * block)
     low, high = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)).tolist()
     return values.double().mean().item(), low, high
+
+
+# --------------------------------------------------------------------------- compressed layer files (chapter 08)
+
+_LINEAR = re.compile(r"(?:^|\.)(?:\w*_proj|lm_head)\.weight$")  # q/k/v/o_proj, gate/up/down_proj, lm_head
+Spec = tuple[str, Sequence[int], torch.dtype]
+
+
+def _check_compression(compression) -> None:
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"compression {compression!r} must be one of {', '.join(map(repr, COMPRESSIONS))}")
+
+
+def is_linear_weight(name: str, shape: Sequence[int], dtype: torch.dtype) -> bool:
+    """True for the weight of a linear projection, the tensors a compressed split stores in 8 or 4 bits:
+    a 2-D floating ``*_proj.weight`` (q/k/v/o_proj, gate/up/down_proj) or ``lm_head.weight``. Never the
+    embedding table (a lookup reads a few of its rows, not all of it), norms or biases. Built in chapter 08."""
+    return bool(_LINEAR.search(name)) and len(shape) == 2 and dtype.is_floating_point
+
+
+def compressed_specs(specs: Sequence[Spec], compression: Optional[str]) -> list[Spec]:
+    """``(name, shape, dtype)`` of what ``compress_state`` stores for tensors of these specs, in the same
+    order; checks every spec first, so a split can refuse a model before it writes a byte. Built in chapter 08.
+
+    int8: ``X.weight`` becomes ``X.weight.q`` (int8, (out, in)) + ``X.weight.absmax`` (float32, (out,)).
+    nf4: ``X.weight.packed`` (uint8, (out, in // 2)) + ``X.weight.absmax`` (float32, (out * in // 64,)),
+    which needs an even ``in`` (a byte holds two codes of one row) and whole blocks of 64.
+    """
+    _check_compression(compression)
+    out: list[Spec] = []
+    for name, shape, dtype in specs:
+        if compression is None or not is_linear_weight(name, shape, dtype):
+            out.append((name, shape, dtype))
+            continue
+        rows, cols = shape
+        if compression == "int8":
+            out += [(f"{name}.q", (rows, cols), torch.int8), (f"{name}.absmax", (rows,), torch.float32)]
+            continue
+        if cols % 2 or (rows * cols) % BNB_4BIT_BLOCKSIZE:
+            raise ValueError(f"tensor {name!r} of shape {tuple(shape)} cannot be stored as nf4: it needs an even "
+                             f"in_features and a multiple of {BNB_4BIT_BLOCKSIZE} weights")
+        out += [(f"{name}.packed", (rows, cols // 2), torch.uint8),
+                (f"{name}.absmax", (rows * cols // BNB_4BIT_BLOCKSIZE,), torch.float32)]
+    return out
+
+
+def compress_state(state: Mapping[str, torch.Tensor], compression: Optional[str]) -> dict[str, torch.Tensor]:
+    """A block's tensors as a compressed split stores them: every linear weight (``is_linear_weight``)
+    replaced by its int8 rows (``quantize_int8``) or its NF4 blocks of 64 (``quantize_4bit``, no double
+    quantization), named as ``compressed_specs`` says; everything else unchanged. ``compression=None``
+    returns the tensors as they are. Built in chapter 08."""
+    compressed_specs([(k, tuple(t.shape), t.dtype) for k, t in state.items()], compression)  # checks, before any work
+    out: dict[str, torch.Tensor] = {}
+    for name, t in state.items():
+        if compression is None or not is_linear_weight(name, t.shape, t.dtype):
+            out[name] = t
+        elif compression == "int8":
+            q = quantize_int8(t)
+            out[f"{name}.q"], out[f"{name}.absmax"] = q.q, q.absmax
+        else:
+            q = quantize_4bit(t, "nf4", BNB_4BIT_BLOCKSIZE)
+            out[f"{name}.packed"] = q.packed.view(t.shape[0], t.shape[1] // 2)  # each row packs into its own bytes
+            out[f"{name}.absmax"] = q.absmax
+    return out
+
+
+@lru_cache(maxsize=None)
+def _nf4_pairs(device: torch.device) -> torch.Tensor:
+    """(256, 2) float32: the two NF4 levels each byte encodes (high nibble first), on ``device``."""
+    levels = nf4_levels()
+    byte = torch.arange(256)
+    return torch.stack([levels[byte >> 4], levels[byte & 0xF]], dim=1).to(device)
+
+
+def decompress_state(state: Mapping[str, torch.Tensor], compression: Optional[str],
+                     dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The inverse of ``compress_state``: rebuild each ``X.weight`` in ``dtype`` on the device its codes are on
+    (a streamer calls it after copying a block to the GPU, so only the compressed bytes cross the bus); every
+    other tensor passes through unchanged. The result equals ``RowwiseInt8.dequantize`` / ``Blockwise4bit.dequantize``
+    of the weight, in float32 arithmetic and whole-tensor ops (no loop, no float64). Built in chapter 08."""
+    _check_compression(compression)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype {dtype!r} must be a floating-point torch.dtype")
+    if compression is None:
+        return dict(state)
+    suffix, other = (".q", ".packed") if compression == "int8" else (".packed", ".q")
+    out: dict[str, torch.Tensor] = {}
+    for name, t in state.items():
+        weight = name.rsplit(".", 1)[0]  # X.weight, for X.weight.q / .packed / .absmax
+        if name.endswith(".weight" + other):
+            raise ValueError(f"{name!r} is stored as {'int8' if other == '.q' else 'nf4'}, not {compression}")
+        if name.endswith(".weight.absmax") and weight + suffix in state:
+            continue  # taken with its codes
+        if not name.endswith(".weight" + suffix):
+            out[name] = t
+            continue
+        absmax = state.get(weight + ".absmax")
+        if absmax is None:
+            raise ValueError(f"{name!r} has no {weight + '.absmax'!r} beside it: not a {compression} split")
+        if compression == "int8":
+            out[weight] = (t * absmax.view(-1, 1) * (1 / 127)).to(dtype)
+        else:
+            values = _nf4_pairs(t.device)[t.long()].view(-1, BNB_4BIT_BLOCKSIZE) * absmax.unsqueeze(1)
+            out[weight] = values.view(t.shape[0], t.shape[1] * 2).to(dtype)
+    return out

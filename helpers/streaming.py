@@ -2,11 +2,14 @@
 
 Built in chapter 08, in two parts that meet at one seam:
 
-* ``BlockSource``: *what* to read and *from where*. It reads the per-layer files that
-  ``helpers.checkpoints.split_by_layer`` writes (chapter 03) and puts each block's weights on the device:
-  memory-mapped on the CPU (no copy; an embedding reads only the rows a pass looks up), through two pinned
-  buffers and a side stream on CUDA (each buffer guarded by a CUDA event, each block handed to the compute
-  stream by another). A reader thread reads block i + 1 while block i computes.
+* ``BlockSource``: *what* to read and *from where*. It reads either the per-layer files that
+  ``helpers.checkpoints.split_by_layer`` writes (chapter 03; optionally int8/nf4-compressed, decompressed on
+  the device) or an ordinary sharded (or single-file) safetensors checkpoint *in place*: each block is the
+  byte ranges of its tensors in the original shards (``tensorfiles.block_layout``), so no second copy of the
+  model is written (for Llama-2-70B the split would be 138 GB more disk). It puts each block's weights on the
+  device: each range memory-mapped on the CPU (no copy; an embedding reads only the rows a pass looks up),
+  read through two pinned buffers and a side stream on CUDA (each buffer guarded by a CUDA event, each block
+  handed to the compute stream by another). A reader thread reads block i + 1 while block i computes.
 * ``LayerStreamer``: the *pass*. The model's skeleton lives on the ``meta`` device, each block knowing its
   ``Role`` in a Llama-family forward pass. One engine (``run_pass``) takes each block from the source, runs
   the whole batch through it and sends it back to ``meta``; ``forward``, ``generate`` and ``score`` are
@@ -139,13 +142,20 @@ class LoadedBlock:
 
 
 class BlockSource:
-    """The blocks of a per-layer split, read one by one and put on ``device``. Built in chapter 08.
+    """The blocks of a model on disk, read one by one and put on ``device``. Built in chapter 08.
 
-    Knows each block's files (a tied ``lm_head`` reads its tensor from the embedding's file), the read
-    buffers, the CUDA copy stream, the reader thread and the page-cache dropper. ``stream(rows)`` yields
-    the blocks in execution order, reading block i + 1 in the reader thread while the caller computes
-    block i (``prefetch``); ``cold`` forgets each block's file pages once it is done, so that every pass
-    reads the disk (Linux). Close it (``close()`` or ``with``) to stop its threads and free its buffers.
+    ``checkpoint``: a per-layer split (a folder with ``layers.index.json``, from
+    ``helpers.checkpoints.split_by_layer``; chapter 03), or an ordinary checkpoint folder
+    (``model.safetensors.index.json`` and its shards, or a lone ``model.safetensors``), read *in place*: each
+    block is the byte ranges of its tensors in the original shards (``tensorfiles.block_layout``; the headers
+    are read once, here), so no second copy of the model is ever written. A tied ``lm_head`` reads the
+    embedding's table. A split written with ``compression`` ("int8", "nf4") is decompressed on the device
+    (``helpers.quant.decompress_state``), so the disk and the host-to-device link carry the compressed bytes.
+
+    Holds the read buffers, the CUDA copy stream, the reader thread and the page-cache dropper.
+    ``stream(rows)`` yields the blocks in execution order, reading block i + 1 in the reader thread while the
+    caller computes block i (``prefetch``); ``cold`` forgets each block's pages once it is done, so that every
+    pass reads the disk (Linux). Close it (``close()`` or ``with``) to stop its threads and free its buffers.
 
     On CUDA, two rules keep the streams honest without ever synchronizing the whole device. A pinned read
     slot is overwritten only after the CUDA event recorded behind its last host-to-device copy has fired
@@ -155,17 +165,26 @@ class BlockSource:
     allocator does not hand its memory to the next copy before the compute that uses it has finished.
     """
 
-    def __init__(self, layer_dir: Union[str, Path], *, device: torch.device, dtype: torch.dtype,
-                 prefetch: bool = True, cold: bool = False):
-        self.layer_dir = Path(layer_dir)
-        self.index = tensorfiles.read_layer_index(self.layer_dir)
+    def __init__(self, checkpoint: Union[str, Path], *, device: torch.device, dtype: torch.dtype,
+                 prefetch: bool = True, cold: bool = False, layout: Optional[tensorfiles.BlockLayout] = None):
+        self.checkpoint = Path(checkpoint)
         if cold and not hasattr(os, "posix_fadvise"):
             raise ValueError("dropping the page cache (drop_page_cache=True) needs os.posix_fadvise (Linux); "
                              "this platform has none")
+        # every header, read once: where each block's bytes are (``layout``: one its caller read already)
+        self.layout = layout if layout is not None else tensorfiles.block_layout(self.checkpoint)
+        self.compression = self.layout.compression
         self.device, self.dtype, self.prefetch, self.cold = torch.device(device), dtype, prefetch, cold
-        self.names: list[str] = list(self.index.blocks)
-        self.files = {name: self._files_of(name) for name in self.names}
+        self.names: list[str] = list(self.layout.blocks)
         self.cuda = self.device.type == "cuda"
+        # CUDA: where each of a block's pieces goes in a read slot (64-byte boundaries, keeping the file's alignment)
+        self._offsets: dict[str, list[int]] = {}
+        for name in self.names:
+            offsets, end = [], 0
+            for piece in self.layout.pieces[name]:
+                offsets.append(-(-end // 64) * 64 + piece.start % 64)
+                end = offsets[-1] + piece.length
+            self._offsets[name] = offsets
         self._copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-reader")
         self._dropper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="page-dropper")
@@ -174,17 +193,16 @@ class BlockSource:
         self._slot_events: list[Optional[torch.cuda.Event]] = [None, None]
         self.closed = False
 
-    def _files_of(self, name: str) -> list[tuple[Path, dict[str, str]]]:
-        """Files to read for a block, each with {name in file: name in block}; tied weights come from their source."""
-        if name in self.index.files:
-            return [(self.layer_dir / self.index.files[name], {})]
-        owner, source, target = self.index.tied_source(name)  # read_layer_index checked there is one
-        return [(self.layer_dir / self.index.files[owner], {source: target})]
+    @property
+    def layer_dir(self) -> Path:
+        """The folder read (the name from when only per-layer splits were): ``checkpoint``."""
+        return self.checkpoint
 
     def _slot(self, i: int) -> torch.Tensor:
-        """Pinned read buffer i % 2, as big as the biggest file: block i reads into it while block i - 1 computes."""
+        """Pinned read buffer i % 2, as big as the biggest block: block i reads into it while block i - 1 computes."""
         if self._slots[i % 2] is None:
-            size = max(os.path.getsize(path) for files in self.files.values() for path, _ in files)
+            size = max(off + p.length for name in self.names
+                       for off, p in zip(self._offsets[name], self.layout.pieces[name]))
             self._slots[i % 2] = torch.empty(size, dtype=torch.uint8, pin_memory=True)
         return self._slots[i % 2]
 
@@ -196,47 +214,65 @@ class BlockSource:
     def load(self, i: int, rows: Optional[torch.Tensor] = None) -> LoadedBlock:
         """Read block i and start putting it on the device, in its compute dtype (runs in the reader thread).
 
-        On the CPU the files are memory-mapped (``tensorfiles.map_safetensors``): the kernel reads them into
-        the page cache and the tensors are those very pages, so the read leaves both the CPU and the GIL to
-        the compute. On CUDA they are read into a pinned buffer (``tensorfiles.read_safetensors``) and copied
-        on a side stream. ``rows``: for a lookup table (an embedding), the rows a pass looks up; on the CPU
-        only their pages are read, and the table keeps its stored dtype (the lookup's output is converted).
+        A block is one or a few byte ranges of files (``tensorfiles.Piece``): of its own file in a split, of
+        the shards in place. On the CPU each range is memory-mapped (``tensorfiles.map_range``): the kernel
+        reads it into the page cache and the tensors are those very pages, so the read leaves both the CPU and
+        the GIL to the compute. On CUDA the ranges are read into a pinned buffer (``tensorfiles.read_range``)
+        and copied on a side stream. ``rows``: for a lookup table (an embedding), the rows a pass looks up; on
+        the CPU only their pages are read, and the table keeps its stored dtype (the lookup's output is
+        converted). A compressed split's weights are decompressed once on the device, before the conversion.
+        ``bytes``: the ranges' lengths (the looked-up rows' pages for a table).
         """
         self._check_open()
-        files, lookup = self.files[self.names[i]], rows is not None and not self.cuda
+        name = self.names[i]
+        pieces, lookup = self.layout.pieces[name], rows is not None and not self.cuda
         t0, state, nbytes = time.perf_counter(), {}, 0
-        for path, rename in files:
-            if lookup:  # map without reading ahead, then fault in only the looked-up rows' pages
-                tensors, _ = tensorfiles.map_safetensors(path, populate=False)
-                header_bytes = path.stat().st_size - sum(t.nbytes for t in tensors.values())
-                n = header_bytes + tensorfiles.touch_rows(tensors, rows)
-            elif self.cuda:  # one readinto into a reused pinned buffer
-                if len(files) == 1 and self._slot_events[i % 2] is not None:
-                    # the slot's previous block (i - 2) may still be crossing PCIe: wait for that copy only
-                    self._slot_events[i % 2].synchronize()
-                tensors, _ = tensorfiles.read_safetensors(path, self._slot(i) if len(files) == 1 else None, pin=True)
-                n = path.stat().st_size
-            else:
-                tensors, n = tensorfiles.map_safetensors(path)
-            nbytes += n
-            prefix = len(self.names[i]) + 1  # "model.layers.3.mlp.up_proj.weight" -> "mlp.up_proj.weight"
-            state.update({rename.get(k, k)[prefix:]: t for k, t in tensors.items() if not rename or k in rename})
+        if self.cuda:  # one readinto per range, into a reused pinned buffer
+            if self._slot_events[i % 2] is not None:
+                # the slot's previous block (i - 2) may still be crossing PCIe: wait for that copy only
+                self._slot_events[i % 2].synchronize()
+            slot = self._slot(i)
+            for piece, offset in zip(pieces, self._offsets[name]):
+                data, _ = tensorfiles.read_range(piece.path, piece.start, piece.length,
+                                                 slot[offset:offset + piece.length])
+                state.update(piece.views(data))
+                nbytes += piece.length
+        else:
+            for piece in pieces:  # a lookup maps without reading ahead, then faults in only the rows' pages
+                tensors = piece.views(tensorfiles.map_range(piece.path, piece.start, piece.length,
+                                                            populate=not lookup))
+                nbytes += tensorfiles.touch_rows(tensors, rows) if lookup else piece.length
+                state.update(tensors)
         event = None
         if self.cuda:  # copy on a side stream, so that it overlaps the previous block's compute
             with torch.cuda.stream(self._copy_stream):
                 state = {k: v.to(self.device, non_blocking=True) for k, v in state.items()}
                 copied = torch.cuda.Event()
                 copied.record(self._copy_stream)  # the slot is free again once this fires
-                if len(files) == 1:
-                    self._slot_events[i % 2] = copied
+                self._slot_events[i % 2] = copied
+                state = self._decompress(name, state)  # on the device, on the copy stream
                 # convert on the copy stream too: the stored-dtype copy is allocated, read and freed on this one
                 # stream, so its memory is reused only in stream order (bf16 files computed in fp16, say)
                 state = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in state.items()}
                 event = torch.cuda.Event(enable_timing=True)
                 event.record(self._copy_stream)
-        elif not lookup:
-            state = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in state.items()}
+        else:
+            state = self._decompress(name, state)
+            if not lookup:
+                state = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in state.items()}
         return LoadedBlock(i, state, nbytes, event, t0, time.perf_counter())
+
+    def _decompress(self, block: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A compressed split's ``X.weight.q``/``.packed`` + ``.absmax`` back to ``X.weight`` in the compute dtype.
+
+        The codec sees full names (``lm_head.weight.q``, not the block's own ``weight.q``), as the split stores them.
+        """
+        if self.compression is None:
+            return state
+        from helpers.quant import decompress_state
+
+        full = decompress_state({f"{block}.{k}": v for k, v in state.items()}, self.compression, self.dtype)
+        return {k[len(block) + 1:]: v for k, v in full.items()}
 
     def take(self, loaded: LoadedBlock) -> dict[str, torch.Tensor]:
         """Hand a loaded block's tensors to the compute, ``loaded`` keeping none of them (so they are freed when
@@ -252,11 +288,13 @@ class BlockSource:
         return state
 
     def release(self, i: int) -> Optional[Future]:
-        """Block i is done. With ``cold``, drop its files' cached pages in a thread of their own (off the
-        compute's path and the reader's) and return that job's Future; else None."""
+        """Block i is done. With ``cold``, drop the cached pages of its byte ranges (``tensorfiles.drop_page_range``)
+        in a thread of their own (off the compute's path and the reader's) and return that job's Future; else
+        None."""
         if not self.cold:
             return None
-        return self._dropper.submit(tensorfiles.drop_page_cache, *(path for path, _ in self.files[self.names[i]]))
+        pieces = self.layout.pieces[self.names[i]]
+        return self._dropper.submit(lambda: [tensorfiles.drop_page_range(p.path, p.start, p.length) for p in pieces])
 
     def stream(self, rows: Optional[Mapping[str, torch.Tensor]] = None,
                indices: Optional[Sequence[int]] = None) -> Iterator[LoadedBlock]:
@@ -294,8 +332,8 @@ class BlockSource:
 
     def _check_open(self) -> None:
         if self.closed:
-            raise RuntimeError(f"the block source of {self.layer_dir} is closed (by close() or at the end of a with "
-                               "block); make a new LayerStreamer (or BlockSource) to read again")
+            raise RuntimeError(f"the block source of {self.checkpoint} is closed (by close() or at the end of a "
+                               "with block); make a new LayerStreamer (or BlockSource) to read again")
 
     def close(self) -> None:
         """Stop the reader and dropper threads and free the read buffers. Closing twice is harmless."""
@@ -403,8 +441,14 @@ class ScoreState:
 
 
 class LayerStreamer:
-    """Run a Llama-family causal LM from a directory of per-layer files, one block at a time. Built in chapter 08.
+    """Run a Llama-family causal LM from disk, one block at a time. Built in chapter 08.
 
+    ``checkpoint``: a per-layer split (a folder with ``layers.index.json``, from
+    ``helpers.checkpoints.split_by_layer``, compressed or not), or an ordinary checkpoint folder
+    (``model.safetensors.index.json`` and its shards, or a lone ``model.safetensors``, with ``config.json``),
+    streamed in place from its shards: nothing is written, the blocks and their order are the split's, and
+    the results are identical. Its headers are read once, here; a folder that is neither, or an index naming
+    a missing shard, fails before any weight is read. ``layer_dir`` is the same path (an older name).
     ``device``: where blocks compute (default CUDA when present, else CPU). ``dtype``: compute dtype, as
     ``helpers.meta.parse_dtype`` reads it (default: the checkpoint's). ``prefetch``: read block i + 1 in a
     background thread while block i computes. ``drop_page_cache``: forget each block's file pages once the
@@ -416,10 +460,11 @@ class LayerStreamer:
     needs room for one or two streamed blocks and the activations beside them.
     Results are on the CPU whatever ``device``: ``forward`` float32 logits, ``score`` float32 scores,
     ``generate`` int64 ids.
-    After each pass, ``timeline`` holds one record per block: ``block``, ``bytes``, ``read_start``,
-    ``read_end``, ``compute_start``, ``compute_end`` (seconds since the pass started), and ``resident`` (True:
-    held from an earlier pass, nothing read, ``bytes`` 0). On the CPU all four
-    are host clock times. On CUDA, ``read_start`` is host time and the other three come from CUDA events
+    After each pass, ``timeline`` holds one record per block: ``block``, ``bytes`` (read from disk: the
+    block's byte ranges, compressed if the split is; on the CPU the embedding's looked-up rows' pages),
+    ``read_start``, ``read_end``, ``compute_start``, ``compute_end`` (seconds since the pass started), and
+    ``resident`` (True: held from an earlier pass, nothing read, ``bytes`` 0). On the CPU all four are host
+    clock times. On CUDA, ``read_start`` is host time and the other three come from CUDA events
     (``read_end``: the block's copy and conversion done on the copy stream; ``compute_*``: its kernels on the
     compute stream), measured from an event recorded as the pass starts; the host launches kernels ahead of
     the GPU, so host times would show only the launches.
@@ -428,7 +473,7 @@ class LayerStreamer:
     Use it in a ``with`` block (or call ``close()``) to stop its reader threads and free its buffers.
     """
 
-    def __init__(self, layer_dir: Union[str, Path], *, device: Union[str, torch.device, None] = None,
+    def __init__(self, checkpoint: Union[str, Path], *, device: Union[str, torch.device, None] = None,
                  dtype: Union[torch.dtype, str, None] = None, prefetch: bool = True, drop_page_cache: bool = False,
                  progress: bool = True, attn_implementation: Optional[str] = None,
                  resident_bytes: Union[int, str] = 0):
@@ -436,8 +481,8 @@ class LayerStreamer:
 
         from helpers.memory import parse_size
 
-        self.layer_dir = Path(layer_dir)
-        names = tensorfiles.read_layer_index(self.layer_dir).blocks  # first: a folder that is no split fails clearly
+        self.checkpoint = Path(checkpoint)
+        tensorfiles.layout_kind(self.checkpoint)  # first: a folder that is neither layout fails clearly
         if isinstance(resident_bytes, bool) or not isinstance(resident_bytes, (int, str)):
             raise ValueError(f"resident_bytes must be a byte count (an int, or a size such as '2GB'); got "
                              f"{resident_bytes!r}")
@@ -453,18 +498,19 @@ class LayerStreamer:
                                    ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} asks for CUDA, but torch.cuda.is_available() is False")
-        self.config = AutoConfig.from_pretrained(self.layer_dir)
+        self.config = AutoConfig.from_pretrained(self.checkpoint)
         self.sliding_window = check_architecture(self.config)  # before any weight file is opened
+        layout = tensorfiles.block_layout(self.checkpoint)  # every header, once; a missing file fails here
         self.dtype = dtype or parse_dtype(self.config.dtype or "float32")
         self.progress = progress
         extra = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
         with torch.device("meta"):
             self.model = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype, **extra).eval()
-        self.blocks = llama_blocks(self.model, names)
+        self.blocks = llama_blocks(self.model, layout.blocks)
         rotary = self.model.model.rotary_emb  # buffers only: rebuild it for real on the device
         self.rotary_emb = type(rotary)(config=self.model.config).to(self.device)
-        self.source = BlockSource(self.layer_dir, device=self.device, dtype=self.dtype, prefetch=prefetch,
-                                  cold=drop_page_cache)
+        self.source = BlockSource(self.checkpoint, device=self.device, dtype=self.dtype, prefetch=prefetch,
+                                  cold=drop_page_cache, layout=layout)
         self.timeline: list[dict] = []
         # Blocks that stay on the device after their first read: in execution order, each that still fits
         self.resident_bytes, self._keep, left = resident_bytes, set(), resident_bytes
@@ -474,6 +520,16 @@ class LayerStreamer:
                 self._keep.add(i)
                 left -= need
         self._resident: set[int] = set()  # of those, the ones read already
+
+    @property
+    def layer_dir(self) -> Path:
+        """The folder streamed (the name from when only per-layer splits were): ``checkpoint``."""
+        return self.checkpoint
+
+    @property
+    def compression(self) -> Optional[str]:
+        """How the split being streamed stores its linear weights: None, "int8" or "nf4" (None in place)."""
+        return self.source.compression
 
     @property
     def prefetch(self) -> bool:
@@ -789,8 +845,9 @@ class LayerStreamer:
 
     @property
     def bytes_per_pass(self) -> int:
-        """Bytes the last pass read from disk: every file, except that the embedding reads only the pages of
-        the rows it looked up (tied weights are read twice)."""
+        """Bytes the last pass read from disk: every block's tensors (as stored: a compressed split's compressed
+        bytes; headers are read once, when the streamer is made), except that on the CPU the embedding reads only
+        the pages of the rows it looked up (tied weights are read twice)."""
         if not self.timeline:
             raise RuntimeError("no pass has run yet: call forward, generate or score first")
         return sum(r["bytes"] for r in self.timeline)

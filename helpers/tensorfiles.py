@@ -2,7 +2,9 @@
 decides whether something it wrote earlier can be trusted again.
 
 The ground floor under every chapter. Chapter 03 takes the format apart by hand; chapters 05 and 08 read it
-three ways (one ``readinto`` into a reusable buffer, a memory map, a map that touches only some rows).
+three ways (one ``readinto`` into a reusable buffer, a memory map, a map that touches only some rows), of a
+whole file or of one byte range (``read_range``, ``map_range``): chapter 08 streams a checkpoint in place,
+each block being the ranges of its tensors in the original shards (``block_layout``).
 
 The format: an 8-byte little-endian length, that many bytes of JSON
 (``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}``), then the raw bytes,
@@ -24,6 +26,7 @@ import hashlib
 import json
 import mmap
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -35,11 +38,13 @@ from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
 import torch
 
 __all__ = [
-    "ST_DTYPES", "CheckpointError", "Header", "read_header", "tensor_views", "read_safetensors", "map_safetensors",
-    "touch_rows", "drop_page_cache", "atomic_file", "write_json", "write_safetensors", "save_safetensors",
+    "ST_DTYPES", "CheckpointError", "Header", "read_header", "tensor_views", "read_range", "read_safetensors",
+    "map_range", "map_safetensors", "touch_rows", "drop_page_cache", "drop_page_range", "atomic_file", "write_json",
+    "write_safetensors", "save_safetensors",
     "staging_dir", "MANIFEST", "KEY_FIELD", "file_key", "cache_key", "write_manifest", "why_stale", "written_by_helpers",
     "INDEX", "SINGLE", "weight_map", "pack_shards", "shard_name", "save_sharded",
-    "LAYERS_INDEX", "LAYERS_FORMAT", "LayerIndex", "read_layer_index",
+    "LAYERS_INDEX", "LAYERS_FORMAT", "COMPRESSIONS", "LayerIndex", "read_layer_index",
+    "block_of", "block_order", "Piece", "pieces_of", "BlockLayout", "layout_kind", "block_layout",
 ]
 
 PathLike = Union[str, Path]
@@ -50,6 +55,7 @@ _ST_NAMES = {dtype: name for name, dtype in ST_DTYPES.items()}
 MAX_HEADER = 100_000_000  # the same limit safetensors itself enforces
 INDEX, SINGLE = "model.safetensors.index.json", "model.safetensors"
 LAYERS_INDEX, LAYERS_FORMAT = "layers.index.json", "helpers-layers/1"
+COMPRESSIONS = (None, "int8", "nf4")  # how a split may store its linear weights (helpers.quant.compress_state)
 MANIFEST = "helpers-manifest.json"  # in a folder helpers wrote: its key and every file's size, written last
 KEY_FIELD = "helpers_key"  # in a safetensors file helpers wrote: its key, in the header's __metadata__
 
@@ -115,6 +121,37 @@ def tensor_views(header: Header, data: torch.Tensor) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _check_range(path: Path, start: int, length: int, size: int) -> None:
+    if start < 0 or length < 0 or start + length > size:
+        raise CheckpointError(path, [f"{path.name}: bytes [{start:,}, {start + length:,}) asked for, but the file "
+                                     f"has {size:,} bytes (truncated, or a corrupt header)"])
+
+
+def read_range(path: PathLike, start: int, length: int, buffer: Optional[torch.Tensor] = None, *,
+               pin: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bytes ``[start, start + length)`` of a file, read with one sequential ``readinto`` into ``buffer``.
+
+    Returns ``(data, buffer)``: ``data`` is ``buffer[:length]`` (uint8), valid until the buffer is reused.
+    ``buffer`` is reused when it has at least ``length`` bytes (a slice of a bigger buffer is fine); otherwise a
+    new one is allocated, in pinned memory with ``pin=True`` (so that a copy to the GPU can run asynchronously).
+    ``readinto`` releases the GIL: a read on a background thread overlaps compute on the main one.
+    """
+    path = Path(path)
+    with open(path, "rb", buffering=0) as f:
+        _check_range(path, start, length, os.fstat(f.fileno()).st_size)
+        if buffer is None or buffer.numel() < length:
+            buffer = torch.empty(length, dtype=torch.uint8, pin_memory=pin)
+        view, done = memoryview(buffer.numpy()), 0
+        f.seek(start)
+        while done < length:
+            n = f.readinto(view[done:length])
+            if not n:
+                raise CheckpointError(path, [f"{path.name} ended after {start + done:,} bytes; bytes "
+                                             f"[{start:,}, {start + length:,}) were to be read (truncated?)"])
+            done += n
+    return buffer[:length], buffer
+
+
 def read_safetensors(path: PathLike, buffer: Optional[torch.Tensor] = None, *,
                      pin: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Every tensor of a file, read with one sequential ``readinto`` into ``buffer`` (reused when big enough).
@@ -122,20 +159,11 @@ def read_safetensors(path: PathLike, buffer: Optional[torch.Tensor] = None, *,
     Returns ``(tensors, buffer)``; the tensors are views of the buffer, so they are valid until it is reused.
     ``pin=True`` allocates a new buffer in pinned memory, so that a copy to the GPU can run asynchronously.
     ``readinto`` releases the GIL: a read on a background thread overlaps compute on the main one.
+    The file's data region through ``read_range``.
     """
     header = read_header(path)
-    size = header.data_bytes
-    if buffer is None or buffer.numel() < size:
-        buffer = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
-    view, done = memoryview(buffer.numpy()), 0
-    with open(header.path, "rb", buffering=0) as f:
-        f.seek(header.data_start)
-        while done < size:
-            n = f.readinto(view[done:size])
-            if not n:
-                raise CheckpointError(header.path, [f"{header.path.name} ended after {done:,} of {size:,} data bytes"])
-            done += n
-    return tensor_views(header, buffer[:size]), buffer
+    data, buffer = read_range(header.path, header.data_start, header.data_bytes, buffer, pin=pin)
+    return tensor_views(header, data), buffer
 
 
 _MADV_POPULATE_READ = 22  # Linux 5.14+
@@ -158,6 +186,35 @@ def _populate(mapping: mmap.mmap) -> None:
     torch.frombuffer(mapping, dtype=torch.uint8)[::mmap.PAGESIZE].sum()  # elsewhere: touch one byte per page
 
 
+def map_range(path: PathLike, start: int = 0, length: Optional[int] = None, *,
+              populate: bool = True) -> torch.Tensor:
+    """Map bytes ``[start, start + length)`` of a file (default: to its end) into memory, as a uint8 tensor.
+
+    Nothing is copied: the tensor *is* the kernel's page-cache pages of the file, so reading leaves the CPU
+    to the compute. Only that range is mapped (from the page boundary below ``start``), so a block can be read
+    in place from a big shard. The mapping is private (copy-on-write): an in-place change never reaches the
+    file. ``populate=True`` reads the range in before returning (``MADV_POPULATE_READ``, without the GIL);
+    ``populate=False`` reads a page only when it is first touched, with no read-ahead around it (see
+    ``touch_rows``). The mapping is released with the last tensor that views it. A range past the end of the
+    file is a ``CheckpointError`` (touching it would kill the process with SIGBUS).
+    """
+    path = Path(path)
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        length = size - start if length is None else length
+        _check_range(path, start, length, size)
+        if length == 0:
+            return torch.empty(0, dtype=torch.uint8)
+        base = start - start % mmap.ALLOCATIONGRANULARITY
+        mapping = mmap.mmap(f.fileno(), start + length - base, flags=mmap.MAP_PRIVATE,
+                            prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=base)
+    if populate:
+        _populate(mapping)
+    else:
+        mapping.madvise(mmap.MADV_RANDOM)
+    return torch.frombuffer(mapping, dtype=torch.uint8)[start - base:]
+
+
 def map_safetensors(path: PathLike, *, populate: bool = True) -> tuple[dict[str, torch.Tensor], int]:
     """Map a file into memory and return ``(tensors, bytes mapped)``, the tensors being views of the mapping.
 
@@ -165,16 +222,11 @@ def map_safetensors(path: PathLike, *, populate: bool = True) -> tuple[dict[str,
     CPU to the compute. The mapping is private (copy-on-write): an in-place change never reaches the file.
     ``populate=True`` reads the whole file in before returning; ``populate=False`` reads a page only when it
     is first touched, with no read-ahead around it (see ``touch_rows``). The mapping is released with the
-    last tensor.
+    last tensor. The whole file through ``map_range``.
     """
     header = read_header(path)
-    with open(header.path, "rb") as f:
-        mapping = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    if populate:
-        _populate(mapping)
-    else:
-        mapping.madvise(mmap.MADV_RANDOM)
-    return tensor_views(header, torch.frombuffer(mapping, dtype=torch.uint8)[header.data_start:]), len(mapping)
+    data = map_range(header.path, 0, header.data_start + header.data_bytes, populate=populate)
+    return tensor_views(header, data[header.data_start:]), data.numel()
 
 
 def touch_rows(tensors: Mapping[str, torch.Tensor], rows: torch.Tensor) -> int:
@@ -207,6 +259,25 @@ def drop_page_cache(*paths: PathLike) -> int:
                 os.close(fd)
             count += 1
     return count
+
+
+def drop_page_range(path: PathLike, start: int, length: int) -> None:
+    """Drop the cached pages of bytes ``[start, start + length)`` of a file: a block read in place from a shard.
+
+    The range is widened to whole pages (the kernel keeps partially covered pages), so a page shared with a
+    neighbouring block goes too; the next read of it comes from the disk either way. Unlike
+    ``drop_page_cache`` there is no ``fdatasync`` first: these are files we only read (checkpoint shards), with
+    no dirty pages of ours to write; a page someone else dirtied is simply kept (Linux).
+    """
+    if not hasattr(os, "posix_fadvise"):
+        raise OSError("drop_page_range needs os.posix_fadvise (Linux); this platform cannot drop cached pages")
+    first = start - start % mmap.PAGESIZE
+    end = -(-(start + length) // mmap.PAGESIZE) * mmap.PAGESIZE
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, first, end - first, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------- writing
@@ -474,6 +545,7 @@ class LayerIndex:
     files: dict[str, str]  # block -> file name
     tied: dict[str, str]  # tensor -> the tensor it is stored as (lm_head.weight -> model.embed_tokens.weight)
     bytes: dict[str, int]  # block -> data bytes of its file
+    compression: Optional[str] = None  # None, "int8" or "nf4": how linear weights are stored (helpers.quant)
 
     def tied_source(self, block: str) -> Optional[tuple[str, str, str]]:
         """For a block stored as another block's tensor: ``(source block, source tensor, tensor)``, else None."""
@@ -486,11 +558,14 @@ class LayerIndex:
     def write(self, directory: PathLike) -> None:
         write_json(Path(directory) / LAYERS_INDEX, {
             "format": LAYERS_FORMAT, "blocks": self.blocks, "files": self.files, "tied": self.tied,
-            "bytes": self.bytes, "total_size": sum(self.bytes.values())})
+            "bytes": self.bytes, "total_size": sum(self.bytes.values()), "compression": self.compression})
 
 
 def read_layer_index(directory: PathLike) -> LayerIndex:
-    """Read and check the ``layers.index.json`` of a per-layer split."""
+    """Read and check the ``layers.index.json`` of a per-layer split.
+
+    ``compression`` may be absent (a split written before it existed: None), null, "int8" or "nf4".
+    """
     path = Path(directory) / LAYERS_INDEX
     if not path.is_file():
         raise FileNotFoundError(f"{Path(directory)} has no {LAYERS_INDEX}: it is not a complete per-layer split "
@@ -499,11 +574,184 @@ def read_layer_index(directory: PathLike) -> LayerIndex:
         raw = json.loads(path.read_text())
         if raw.get("format") != LAYERS_FORMAT:
             raise ValueError(f"format {raw.get('format')!r}; expected {LAYERS_FORMAT!r}")
+        compression = raw.get("compression")
+        if compression not in COMPRESSIONS:
+            raise ValueError(f"compression {compression!r}; expected one of {', '.join(map(repr, COMPRESSIONS))}")
         index = LayerIndex(list(raw["blocks"]), dict(raw["files"]), dict(raw.get("tied", {})),
-                           dict(raw["bytes"]))
+                           dict(raw["bytes"]), compression)
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(path, [f"{path.name}: not a layer index helpers can read ({e})"]) from None
     orphans = [b for b in index.blocks if b not in index.files and index.tied_source(b) is None]
     if orphans:
         raise CheckpointError(path, [f"{path.name}: block(s) {orphans} have no file and no tied source"])
     return index
+
+
+# --------------------------------------------------------------------------- blocks: where each block's bytes are
+
+def block_of(name: str) -> str:
+    """The top-level block a tensor belongs to: ``model.layers.3`` for layer 3, else its parent module."""
+    match = re.match(r"^(.*\.layers\.\d+)\.", name)
+    return match.group(1) if match else name.rsplit(".", 1)[0]
+
+
+def block_order(block: str) -> tuple:
+    """Sort key of execution order: the embedding, anything else, the layers by number, the final norm, lm_head."""
+    match = re.match(r"^.*\.layers\.(\d+)$", block)
+    if block.endswith("embed_tokens"):
+        return (0, 0)
+    if match:
+        return (2, int(match.group(1)))
+    return (4, 0) if block == "lm_head" else (3, 0) if block.endswith(".norm") else (1, 0)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A contiguous byte range of one file holding some of a block's tensors: what one read (or map) fetches."""
+
+    path: Path
+    start: int  # from the file's first byte
+    length: int
+    tensors: dict = field(repr=False)  # name in the block -> (torch dtype, shape, offset in the piece)
+
+    def views(self, data: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The piece's tensors as views of ``data`` (its ``length`` bytes, uint8): nothing is copied."""
+        out = {}
+        for name, (dtype, shape, offset) in self.tensors.items():
+            raw = data[offset:offset + int(torch.Size(shape).numel()) * dtype.itemsize]
+            if raw.storage_offset() % dtype.itemsize:  # unaligned (never in files safetensors writes): copy
+                raw = raw.clone()
+            out[name] = raw.view(dtype).reshape(shape)
+        return out
+
+
+def pieces_of(header: Header, names: Mapping[str, str]) -> list[Piece]:
+    """The tensors ``names`` ({name in the file: name in the block}) of one file, as the fewest contiguous ranges.
+
+    In files safetensors writes, one layer's tensors of one dtype are contiguous: a block is one range per
+    file (two when its norms are stored in another dtype). Offsets are checked against the file here, so a
+    corrupt header is a ``CheckpointError`` before anything is read.
+    """
+    entries, problems = [], []
+    for name in names:
+        info = header.tensors.get(name)
+        try:
+            begin, end = (int(x) for x in info["data_offsets"])
+            dtype, shape = ST_DTYPES[info["dtype"]], [int(x) for x in info["shape"]]
+        except (KeyError, TypeError, ValueError):
+            problems.append(f"{header.path.name}: no readable entry for tensor {name!r}")
+            continue
+        if not 0 <= begin <= end <= header.data_bytes or end - begin != torch.Size(shape).numel() * dtype.itemsize:
+            problems.append(f"{header.path.name}: tensor {name!r} has data_offsets [{begin}, {end}], which do not "
+                            f"fit its {info['dtype']} {shape} inside the file's {header.data_bytes:,} data bytes")
+            continue
+        entries.append((begin, end, name, dtype, shape))
+    if problems:
+        raise CheckpointError(header.path, problems)
+    pieces, run = [], None  # run: [start, end, {name in block: (dtype, shape, begin)}], offsets in the data region
+    for begin, end, name, dtype, shape in sorted(entries, key=lambda e: (e[0], e[1])):
+        if run is None or begin > run[1]:
+            if run is not None:
+                pieces.append(run)
+            run = [begin, end, {}]
+        run[1] = max(run[1], end)
+        run[2][names[name]] = (dtype, shape, begin)
+    if run is not None:
+        pieces.append(run)
+    return [Piece(header.path, header.data_start + start, end - start,
+                  {k: (dtype, shape, begin - start) for k, (dtype, shape, begin) in tensors.items()})
+            for start, end, tensors in pieces]
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Where each block of a model is on disk: a per-layer split, or an ordinary checkpoint read in place.
+
+    ``kind``: "split" or "checkpoint". ``blocks``: execution order (embedding, layers, norm, lm_head).
+    ``pieces[block]``: the byte ranges to read for it, each with its tensors' names inside the block
+    (``self_attn.q_proj.weight``); a tied ``lm_head`` reads the embedding's table as ``weight``.
+    ``compression``: how a split stores its linear weights (None for a checkpoint).
+    """
+
+    root: Path
+    kind: str
+    blocks: list[str]
+    pieces: dict[str, list[Piece]] = field(repr=False)
+    compression: Optional[str] = None
+
+    def bytes(self, block: str) -> int:
+        """Bytes one read of ``block`` fetches: its ranges' lengths."""
+        return sum(p.length for p in self.pieces[block])
+
+
+def _block_pieces(headers: Mapping[str, Header], files: Mapping[str, Mapping[str, str]]) -> list[Piece]:
+    return [p for file, names in files.items() for p in pieces_of(headers[file], names)]
+
+
+def layout_kind(path: PathLike) -> str:
+    """"split" for a folder with ``layers.index.json``, "checkpoint" for one with ``model.safetensors.index.json``
+    or ``model.safetensors``; ``FileNotFoundError`` naming the folder and both layouts otherwise. Reads nothing."""
+    path = Path(path)
+    if path.is_dir() and (path / LAYERS_INDEX).is_file():
+        return "split"
+    if path.is_dir() and ((path / INDEX).is_file() or (path / SINGLE).is_file()):
+        return "checkpoint"
+    raise FileNotFoundError(f"{path} is neither a per-layer split (a folder with {LAYERS_INDEX}, made by "
+                            f"helpers.checkpoints.split_by_layer) nor a safetensors checkpoint (a folder with "
+                            f"{INDEX} and its shards, or with {SINGLE})")
+
+
+def block_layout(path: PathLike) -> BlockLayout:
+    """Read the headers of a per-layer split or a checkpoint once and say where each block's bytes are.
+
+    ``path``: a folder with ``layers.index.json`` (a split, chapter 03), or a checkpoint folder with
+    ``model.safetensors.index.json`` and its shards or a lone ``model.safetensors`` (read in place: nothing
+    is written, no second copy). Block names and order are those ``helpers.checkpoints.split_by_layer``
+    gives the same checkpoint. A missing file or a header that does not fit its file is a ``CheckpointError``
+    before any tensor is read. Built in chapter 08.
+    """
+    path = Path(path)
+    if layout_kind(path) == "split":
+        index = read_layer_index(path)
+        missing = sorted({f for f in index.files.values() if not (path / f).is_file()})
+        if missing:
+            raise CheckpointError(path / LAYERS_INDEX, [f"{m}: block file is missing" for m in missing])
+        headers = {f: read_header(path / f) for f in dict.fromkeys(index.files.values())}
+        pieces = {}
+        for block in index.blocks:
+            if block in index.files:
+                file = index.files[block]
+                names = {k: k[len(block) + 1:] for k in headers[file].tensors}
+            else:
+                owner, source, target = index.tied_source(block)
+                file, names = index.files[owner], {source: target[len(block) + 1:]}
+            pieces[block] = _block_pieces(headers, {file: names})
+        return BlockLayout(path, "split", list(index.blocks), pieces, index.compression)
+    root, names = weight_map(path)
+    missing = sorted(set(names.values()) - {p.name for p in root.iterdir() if p.is_file()})
+    if missing:
+        raise CheckpointError(root, [f"{m}: shard file is missing; the index maps "
+                                     f"{sum(v == m for v in names.values())} tensor(s) to it" for m in missing])
+    headers = {f: read_header(root / f) for f in dict.fromkeys(names.values())}
+    absent = [f"{f}: tensor {k!r} is in the index but not in the file" for k, f in names.items()
+              if k not in headers[f].tensors]
+    if absent:
+        raise CheckpointError(root, absent)
+    try:
+        config = json.loads((root / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    tied = "lm_head.weight" not in names or bool(config.get("tie_word_embeddings", False))  # as split_by_layer
+    files: dict[str, dict[str, dict[str, str]]] = {}  # block -> file -> {name in file: name in block}
+    for name, file in names.items():
+        if not (tied and name == "lm_head.weight"):
+            block = block_of(name)
+            files.setdefault(block, {}).setdefault(file, {})[name] = name[len(block) + 1:]
+    order = sorted(files, key=block_order)
+    if tied:
+        table = "model.embed_tokens.weight"
+        if table not in names:
+            raise CheckpointError(root, [f"lm_head is tied to the embedding, but there is no {table!r}"])
+        files["lm_head"] = {names[table]: {table: "weight"}}
+        order.append("lm_head")
+    return BlockLayout(root, "checkpoint", order, {b: _block_pieces(headers, files[b]) for b in order})

@@ -13,6 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from helpers import checkpoints as ck
+from helpers import quant as Q
 from helpers import tensorfiles
 from helpers.checkpoints import CheckpointError
 from helpers.tensorfiles import INDEX, ST_DTYPES, read_header, read_layer_index
@@ -389,3 +390,114 @@ def test_split_book_model(tmp_path, book_dir):
         for k, t in load_file(out / file).items():
             assert torch.equal(t, original.pop(k)), k
     assert original == {}
+
+
+# --------------------------------------------------------------------------- split_by_layer, compressed (chapter 08)
+
+BF16 = dict(TINY, hidden_size=128, intermediate_size=384, num_attention_heads=4, num_key_value_heads=2)
+
+
+@pytest.fixture(scope="module")
+def bf16_untied(tmp_path_factory) -> Path:
+    return synthetic_llama(tmp_path_factory.mktemp("bf16") / "ckpt", {**BF16, "tie_word_embeddings": False},
+                           dtype=torch.bfloat16, max_shard_size=100_000, progress=False)
+
+
+@pytest.fixture(scope="module")
+def splits(bf16_untied, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("splits")
+    return {c: ck.split_by_layer(bf16_untied, root / str(c), compression=c, progress=False) for c in (None, "int8", "nf4")}
+
+
+def stored_tensors(out: Path) -> dict:
+    index, tensors = read_layer_index(out), {}
+    for file in index.files.values():
+        tensors.update(load_file(out / file))
+    return tensors
+
+
+def is_linear(name: str) -> bool:
+    return name == "lm_head.weight" or name.endswith("_proj.weight")
+
+
+@pytest.mark.parametrize("compression", ["int8", "nf4"])
+def test_compressed_split_stores_the_codec(bf16_untied, splits, compression):
+    out, original = splits[compression], state_dict(bf16_untied)
+    index = read_layer_index(out)
+    assert index.compression == compression
+    assert json.loads((out / tensorfiles.LAYERS_INDEX).read_text())["compression"] == compression
+    assert index.blocks == read_layer_index(splits[None]).blocks and index.files["lm_head"] == "lm_head.safetensors"
+    for block, file in index.files.items():  # the index's bytes are the bytes stored
+        assert index.bytes[block] == sum(t.nbytes for t in load_file(out / file).values())
+    stored = stored_tensors(out)
+    assert stored.keys() == Q.compress_state(original, compression).keys()
+    assert "lm_head.weight.absmax" in stored and torch.equal(stored["model.embed_tokens.weight"],
+                                                             original["model.embed_tokens.weight"])
+    back = Q.decompress_state(stored, compression, torch.bfloat16)
+    assert back.keys() == original.keys()
+    for name, w in original.items():
+        want = (Q.quantize_int8(w) if compression == "int8" else Q.quantize_4bit(w, "nf4")).dequantize() \
+            if is_linear(name) else w
+        assert back[name].dtype == torch.bfloat16 and torch.equal(back[name], want), name
+
+
+# bytes stored per bf16 byte of a linear weight (out, in): int8 keeps 1 byte per weight + a float32 absmax per
+# row of `in` weights; nf4 half a byte per weight + a float32 absmax per block of 64 weights
+RATIO = {"int8": lambda cols: (1 + 4 / cols) / 2, "nf4": lambda cols: (0.5 + 4 / 64) / 2}
+
+
+@pytest.mark.parametrize("compression", ["int8", "nf4"])
+def test_compressed_split_bytes(bf16_untied, splits, compression):
+    plain, packed = read_layer_index(splits[None]), read_layer_index(splits[compression])
+    assert plain.compression is None
+    original = state_dict(bf16_untied)
+    linear = {k: t for k, t in original.items() if is_linear(k)}
+    other = sum(t.nbytes for k, t in original.items() if not is_linear(k))
+    assert sum(plain.bytes.values()) == sum(t.nbytes for t in original.values())
+    stored_linear = sum(packed.bytes.values()) - other  # embeddings and norms are stored as they were
+    assert stored_linear == pytest.approx(sum(t.nbytes * RATIO[compression](t.shape[1]) for t in linear.values()), abs=0.5)
+    ratio = stored_linear / sum(t.nbytes for t in linear.values())
+    widths = [t.shape[1] for t in linear.values()]
+    low, high = RATIO[compression](max(widths)), RATIO[compression](min(widths))
+    assert low <= ratio <= high, (ratio, low, high)
+    assert ratio < {"int8": 0.52, "nf4": 0.29}[compression]  # about a half, a little over a quarter
+    layer = "model.layers.0"  # a decoder block is all linear weights but two norms
+    assert packed.bytes[layer] / plain.bytes[layer] < RATIO[compression](BF16["hidden_size"]) * 1.01
+    assert packed.bytes["model.embed_tokens"] == plain.bytes["model.embed_tokens"]
+
+
+def test_compressed_split_keeps_a_tied_lm_head(tiny, tmp_path):
+    out = ck.split_by_layer(tiny, tmp_path / "layers", compression="nf4", progress=False)
+    index = read_layer_index(out)
+    assert index.tied == {"lm_head.weight": "model.embed_tokens.weight"} and "lm_head" not in index.files
+    embed = load_file(out / index.files["model.embed_tokens"])
+    assert list(embed) == ["model.embed_tokens.weight"]  # not compressed: it is also the embedding table
+    assert torch.equal(embed["model.embed_tokens.weight"], state_dict(tiny)["model.embed_tokens.weight"])
+
+
+def test_compressed_split_cache_names_the_compression(tiny, tmp_path):
+    out = ck.split_by_layer(tiny, tmp_path / "layers", compression="int8", progress=False)
+    stamp = (out / tensorfiles.LAYERS_INDEX).stat().st_mtime_ns
+    assert ck.split_by_layer(tiny, out, compression="int8", progress=False) == out
+    assert (out / tensorfiles.LAYERS_INDEX).stat().st_mtime_ns == stamp
+    for other in ("nf4", None):
+        with pytest.raises(FileExistsError, match=f"compression='int8', not compression={other!r}"):
+            ck.split_by_layer(tiny, out, compression=other, progress=False)
+    plain = ck.split_by_layer(tiny, tmp_path / "plain", progress=False)
+    with pytest.raises(FileExistsError, match="compression=None, not compression='nf4'"):
+        ck.split_by_layer(tiny, plain, compression="nf4", progress=False)
+    assert (out / tensorfiles.LAYERS_INDEX).stat().st_mtime_ns == stamp
+
+
+def test_compressed_split_refuses_bad_input_before_writing(tiny, tmp_path):
+    for bad in ("int4", "NF4", "fp16"):
+        with pytest.raises(ValueError, match=repr(bad)):
+            ck.split_by_layer(tiny, tmp_path / "bad", compression=bad, progress=False)
+    # head_dim 10: k_proj is (20, 40), 800 weights, not whole blocks of 64
+    odd = synthetic_llama(tmp_path / "odd", {**TINY, "hidden_size": 40, "intermediate_size": 64},
+                          max_shard_size=20_000, progress=False)
+    with pytest.raises(ValueError, match=r"'model.layers.0.self_attn.k_proj.weight' of shape \(20, 40\)"):
+        ck.split_by_layer(odd, tmp_path / "bad", compression="nf4", progress=False)
+    assert not (tmp_path / "bad").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["odd"]  # no temp dir either
+    ck.split_by_layer(odd, tmp_path / "int8", compression="int8", progress=False)  # int8 has no blocks

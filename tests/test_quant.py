@@ -241,3 +241,131 @@ def test_bootstrap_ci():
         Q.bootstrap_ci(values[:100])
     with pytest.raises(ValueError, match="level"):
         Q.bootstrap_ci(values, level=1.5)
+
+
+# --------------------------------------------------------------------------- compressed layer files (chapter 08)
+
+LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _tiny_llama_state(config, dtype=torch.bfloat16) -> dict:
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return {k: v.to(dtype) for k, v in LlamaForCausalLM(config).state_dict().items()}
+
+
+def _reference(w: torch.Tensor, compression: str) -> torch.Tensor:
+    return (Q.quantize_int8(w) if compression == "int8" else Q.quantize_4bit(w, "nf4", blocksize=64)).dequantize()
+
+
+@pytest.mark.parametrize("compression", ["int8", "nf4"])
+def test_compress_state_follows_the_contract(tiny_llama_config, compression):
+    state = _tiny_llama_state(tiny_llama_config())
+    linear = {k for k in state if k == "lm_head.weight" or k.split(".")[-2] in LINEAR}
+    assert len(linear) == 3 * 7 + 1  # every projection of 3 layers and the untied lm_head
+    stored = Q.compress_state(state, compression)
+    for name, w in state.items():
+        if name not in linear:  # embeddings and norms: the very same tensor
+            assert stored[name] is w, name
+            continue
+        rows, cols = w.shape
+        assert name not in stored
+        if compression == "int8":
+            assert stored[name + ".q"].dtype == torch.int8 and stored[name + ".q"].shape == (rows, cols)
+        else:
+            assert stored[name + ".packed"].dtype == torch.uint8 and stored[name + ".packed"].shape == (rows, cols // 2)
+        absmax = stored[name + ".absmax"]
+        assert absmax.dtype == torch.float32 and absmax.shape == ((rows,) if compression == "int8" else (rows * cols // 64,))
+    assert len(stored) == len(state) + len(linear)
+    specs = Q.compressed_specs([(k, tuple(t.shape), t.dtype) for k, t in state.items()], compression)
+    assert specs == [(k, tuple(t.shape), t.dtype) for k, t in stored.items()]
+    assert Q.compress_state(state, None) == state
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("compression", ["int8", "nf4"])
+def test_decompress_state_is_the_dequantized_weight(tiny_llama_config, compression, dtype):
+    state = _tiny_llama_state(tiny_llama_config(), dtype)
+    back = Q.decompress_state(Q.compress_state(state, compression), compression, dtype)
+    assert list(back) == list(state)  # names and order
+    for name, w in state.items():
+        assert back[name].dtype == dtype and back[name].shape == w.shape
+        if name.endswith("_proj.weight") or name == "lm_head.weight":
+            assert torch.equal(back[name], _reference(w, compression)), name
+            assert not torch.equal(back[name], w), name  # it really went through 8 or 4 bits
+        else:
+            assert back[name] is w, name
+    assert Q.decompress_state(state, None, dtype) == state
+
+
+def test_compressed_state_errors_name_the_problem(tiny_llama_config):
+    state = _tiny_llama_state(tiny_llama_config())
+    for bad in ("int4", "NF4", ""):
+        with pytest.raises(ValueError, match=repr(bad)):
+            Q.compress_state(state, bad)
+        with pytest.raises(ValueError, match=repr(bad)):
+            Q.decompress_state(state, bad, torch.float32)
+    odd = {"model.layers.0.mlp.up_proj.weight": _weight((64, 3))}  # 192 weights, but in_features is odd
+    with pytest.raises(ValueError, match=r"'model.layers.0.mlp.up_proj.weight' of shape \(64, 3\)"):
+        Q.compress_state(odd, "nf4")
+    partial = {"lm_head.weight": _weight((10, 6))}  # 60 weights: not whole blocks of 64
+    with pytest.raises(ValueError, match=r"'lm_head.weight' of shape \(10, 6\)"):
+        Q.compress_state(partial, "nf4")
+    assert Q.compress_state(odd, "int8")["model.layers.0.mlp.up_proj.weight.q"].shape == (64, 3)  # int8 has no blocks
+    orphan = {"lm_head.weight.q": torch.zeros(4, 4, dtype=torch.int8)}
+    with pytest.raises(ValueError, match="lm_head.weight.absmax"):
+        Q.decompress_state(orphan, "int8", torch.float32)
+    with pytest.raises(ValueError, match="dtype"):
+        Q.decompress_state(Q.compress_state(state, "int8"), "int8", torch.int8)
+    with pytest.raises(ValueError, match="stored as int8, not nf4"):
+        Q.decompress_state(Q.compress_state(state, "int8"), "nf4", torch.float32)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("compression", ["int8", "nf4"])
+def test_decompress_state_on_cuda(tiny_llama_config, compression):
+    """After the host-to-device copy the streamer decompresses on the GPU: same weights, there."""
+    stored = Q.compress_state(_tiny_llama_state(tiny_llama_config()), compression)
+    on_cpu = Q.decompress_state(stored, compression, torch.float16)
+    on_gpu = Q.decompress_state({k: t.cuda() for k, t in stored.items()}, compression, torch.float16)
+    assert list(on_gpu) == list(on_cpu)
+    for name, t in on_gpu.items():
+        assert t.device.type == "cuda" and t.dtype == torch.float16 and torch.equal(t.cpu(), on_cpu[name]), name
+
+
+@pytest.fixture(scope="module")
+def held_out_ids(book_model):
+    from pathlib import Path
+
+    import helpers
+
+    text = (Path(helpers.__file__).parent / "data" / "eval_prose_typer.txt").read_text()
+    return book_model[1](text, return_tensors="pt").input_ids[0, :512]
+
+
+# Measured on the book model, first 512 tokens of eval_prose_typer.txt (511 scored):
+# int8 agreement 0.973, mean KL 0.0024 nats; nf4 agreement 0.748, mean KL 0.264 nats.
+QUALITY = {"int8": (0.95, 0.01), "nf4": (0.70, 0.5)}  # (least top-1 agreement, largest mean KL)
+
+
+@pytest.mark.parametrize("compression", ["int8", "nf4"])
+def test_compressed_book_model_quality(book_model, held_out_ids, compression):
+    """The book model with its linear weights stored and rebuilt as a compressed split does (a tied lm_head is
+    the embedding table: not compressed), against the fp32 original."""
+    from helpers.models import load_book_model
+
+    reference = book_model[0]
+    tied = reference.config.tie_word_embeddings
+    state = {k: v for k, v in reference.state_dict().items() if not (tied and k == "lm_head.weight")}
+    model, _ = load_book_model()
+    result = model.load_state_dict(Q.decompress_state(Q.compress_state(state, compression), compression,
+                                                      torch.float32), strict=False)
+    assert result.unexpected_keys == [] and result.missing_keys == (["lm_head.weight"] if tied else [])
+    ids = held_out_ids.unsqueeze(0)
+    with torch.inference_mode():
+        ref_logits, logits = reference(ids).logits[0, :-1], model(ids).logits[0, :-1]
+    m = Q.token_metrics(logits, ref_logits, held_out_ids[1:])
+    least_agreement, most_kl = QUALITY[compression]
+    assert m["agree"].mean() >= least_agreement, m["agree"].mean()
+    assert 1e-4 < m["kl"].mean() < most_kl, m["kl"].mean()  # above 0: the weights really changed

@@ -1,8 +1,10 @@
 """Tests for helpers.streaming (chapter 08): streamed results equal the in-memory model's, and a streamer
 cleans up after itself. (Reading the files, ``map_safetensors`` and friends, is tested in test_tensorfiles.py.)"""
 
+import gc
 import json
 import math
+import os
 import subprocess
 import sys
 import threading
@@ -11,7 +13,9 @@ import pytest
 import torch
 
 from helpers.checkpoints import split_by_layer
-from helpers.streaming import LayerStreamer, Role, check_architecture, h2d_bandwidth, llama_blocks, predicted_peak_bytes
+from helpers.streaming import (BlockSource, LayerStreamer, Role, check_architecture, h2d_bandwidth, llama_blocks,
+                               predicted_peak_bytes)
+from helpers.tensorfiles import read_header, read_layer_index
 
 IDS = torch.tensor([[504, 3575, 282, 4649, 314]])
 
@@ -101,7 +105,8 @@ def test_timeline_records_every_block(streamer, layer_dir):
     index = json.loads((layer_dir / "layers.index.json").read_text())
     assert [r["block"] for r in streamer.timeline] == index["blocks"]
     assert sum(r["bytes"] for r in streamer.timeline) == streamer.bytes_per_pass
-    size = {b: (layer_dir / f).stat().st_size for b, f in index["files"].items()}
+    # a pass reads each file's data (its header was read once, when the streamer was made)
+    size = {b: read_header(layer_dir / f).data_bytes for b, f in index["files"].items()}
     read = {r["block"]: r["bytes"] for r in streamer.timeline}
     # the embedding reads only the pages of rows 1, 2 and 3 (adjacent rows: a few pages), every other file whole
     assert 0 < read["model.embed_tokens"] < 64 * 1024 < size["model.embed_tokens"]
@@ -517,3 +522,234 @@ def test_cuda_h2d_bandwidth_pinned_and_pageable():
         assert math.isfinite(bw) and 1e8 < bw < 1e12  # between 0.1 GB/s and 1 TB/s: a PCIe or NVLink-C2C figure
     # the driver stages pageable memory through a pinned buffer, so pinned is at least about as fast
     assert pinned >= 0.8 * pageable, (pinned, pageable)
+
+
+# --------------------------------------------------------------------------- in place: an ordinary checkpoint, no split
+
+def listing(directory) -> dict:
+    """Every file under ``directory``: its size and modification time (what writing anything there would change)."""
+    return {p.relative_to(directory): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(directory.rglob("*"))}
+
+
+def single_file_copy(checkpoint, out):
+    """The same weights as one ``model.safetensors`` written by safetensors itself (its own tensor order)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir()
+    tensors = {}
+    for shard in sorted(checkpoint.glob("model-*.safetensors")):
+        tensors.update(load_file(shard))
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    shutil.copyfile(checkpoint / "config.json", out / "config.json")
+    return out
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_in_place_equals_split_and_in_memory(tmp_path, tiny_llama_config, tied):
+    from transformers import AutoModelForCausalLM
+
+    from helpers.models import synthetic_llama
+    from helpers.tensorfiles import block_layout
+
+    # shards of about 40 KB: a decoder layer (about 150 KB in fp32) straddles several of them
+    checkpoint = synthetic_llama(tmp_path / "sharded", tiny_llama_config(tie_word_embeddings=tied),
+                                 dtype=torch.float32, max_shard_size=40_000, progress=False)
+    layout = block_layout(checkpoint)
+    assert layout.kind == "checkpoint" and len({p.path for p in layout.pieces["model.layers.1"]}) > 2
+    single = single_file_copy(checkpoint, tmp_path / "single")
+    layers = split_by_layer(checkpoint, tmp_path / "layers", progress=False)
+    before = {d: listing(d) for d in (checkpoint, single)}
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 5, 9, 77, 3, 100], [4, 4, 8, 15, 16, 23]])
+    with torch.inference_mode():
+        ref_logits = model(ids).logits
+        ref_ids = model.generate(ids[:1], max_new_tokens=5, do_sample=False)
+    # what a pass reads: every tensor once (a tied lm_head: the table again), but the embedding's unused rows
+    weights = sum(t.nbytes for k, t in model.state_dict().items() if k != "model.embed_tokens.weight")
+    del model  # transformers maps the shards it loads: let go of them, so that what stays mapped is the streamer's
+    gc.collect()
+    runs = {}
+    for name, source, cold in [("split", layers, False), ("sharded", checkpoint, True), ("single", single, False)]:
+        with LayerStreamer(source, device="cpu", dtype="fp32", progress=False, drop_page_cache=cold) as st:
+            assert [b.name for b in st.blocks] == read_layer_index(layers).blocks  # the split's names and order
+            logits = st.forward(ids)
+            runs[name] = dict(logits=logits, read={r["block"]: r["bytes"] for r in st.timeline},
+                              ids=st.generate(ids[:1], 5))
+        torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+        assert torch.equal(runs[name]["ids"], ref_ids), name
+    for name in ("sharded", "single"):
+        assert torch.equal(runs[name]["logits"], runs["split"]["logits"]), name
+        # every block reads exactly its tensors' bytes, as from the split (whose headers are read once, too) ...
+        read, split = runs[name]["read"], runs["split"]["read"]
+        assert {b: n for b, n in read.items() if b != "model.embed_tokens"} == \
+               {b: n for b, n in split.items() if b != "model.embed_tokens"}, name
+        # ... but the embedding, which reads the pages of the rows it looks up: at most the table's (plus one,
+        # where the table does not start on a page boundary)
+        assert 0 < read["model.embed_tokens"] <= 128 * 64 * 4 + 4096, name
+    assert sum(n for b, n in runs["sharded"]["read"].items() if b != "model.embed_tokens") == weights
+    assert {d: listing(d) for d in (checkpoint, single)} == before  # nothing written beside the checkpoint
+    if sys.platform == "linux":
+        assert not mapped_files(checkpoint) and not mapped_files(single)
+
+
+def test_in_place_book_model_equals_its_split(book_model, book_dir, streamer):
+    model, tok = book_model
+    x = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    before = listing(book_dir)
+    with LayerStreamer(book_dir, dtype=torch.float32, device="cpu", progress=False) as st:
+        assert st.source.layout.kind == "checkpoint" and st.blocks[-1].name == "lm_head"  # tied: the table again
+        assert torch.equal(st.forward(IDS), streamer.forward(IDS))
+        assert torch.equal(st.generate(x["input_ids"], 4), streamer.generate(x["input_ids"], 4))
+    assert listing(book_dir) == before
+
+
+def test_in_place_bad_checkpoints_fail_before_any_read(tmp_path, tiny_llama_config, monkeypatch):
+    import shutil
+
+    from helpers import tensorfiles
+    from helpers.models import synthetic_llama
+    from helpers.tensorfiles import INDEX, CheckpointError
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for source in (LayerStreamer, lambda p: BlockSource(p, device="cpu", dtype=torch.float32)):
+        with pytest.raises(FileNotFoundError,
+                           match=rf"{empty} is neither .*layers.index.json.*{INDEX}.*model.safetensors"):
+            source(empty)
+    checkpoint = synthetic_llama(tmp_path / "ckpt", tiny_llama_config(), dtype=torch.float32, max_shard_size=40_000,
+                                 progress=False)
+    for reader in ("map_range", "read_range", "map_safetensors", "read_safetensors"):  # no tensor is read below
+        monkeypatch.setattr(tensorfiles, reader, lambda *a, **k: pytest.fail("a tensor was read"))
+    shards = json.loads((checkpoint / INDEX).read_text())["weight_map"]
+    up, norm = shards["model.layers.1.mlp.up_proj.weight"], shards["model.norm.weight"]
+    missing = tmp_path / "missing"
+    shutil.copytree(checkpoint, missing)
+    (missing / up).unlink()
+    with pytest.raises(CheckpointError, match=rf"{up}: shard file is missing; the index maps 1 tensor"):
+        LayerStreamer(missing, device="cpu", progress=False)
+    truncated = tmp_path / "truncated"
+    shutil.copytree(checkpoint, truncated)
+    os.truncate(truncated / norm, (truncated / norm).stat().st_size - 1)  # the last tensor loses a byte
+    with pytest.raises(CheckpointError, match=rf"{norm}: tensor 'model.norm.weight' .* do not fit"):
+        LayerStreamer(truncated, device="cpu", progress=False)
+
+
+# --------------------------------------------------------------------------- compressed splits (int8, nf4)
+
+def compress_split(layers, out, compression):
+    """A copy of a split whose linear weights are stored compressed (``helpers.quant.compress_state``), with
+    ``compression`` in its index; built here, block by block, so that only the streamer's side is under test."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from helpers import quant
+    from helpers.tensorfiles import LayerIndex, save_safetensors
+
+    if not hasattr(quant, "compress_state") or not hasattr(quant, "decompress_state"):
+        pytest.skip("helpers.quant.compress_state/decompress_state (the codec of compressed splits) do not exist yet")
+    index = read_layer_index(layers)
+    out.mkdir()
+    nbytes = {}
+    for block, file in index.files.items():
+        nbytes[block] = save_safetensors(out / file, quant.compress_state(load_file(layers / file), compression))
+    shutil.copyfile(layers / "config.json", out / "config.json")
+    LayerIndex(index.blocks, index.files, index.tied, nbytes, compression).write(out)
+    return out
+
+
+def dequantized_model(model, compression):
+    """``model`` with every linear weight replaced by its int8 or nf4 round trip (chapter 06's codecs)."""
+    import copy
+
+    from helpers.quant import quantize_4bit, quantize_int8
+
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                w = module.weight
+                q = quantize_int8(w) if compression == "int8" else quantize_4bit(w, "nf4", 64)
+                module.weight.copy_(q.dequantize().reshape(w.shape))
+    return model
+
+
+@pytest.mark.parametrize("compression", ["int8", "nf4"])
+def test_compressed_split_streams_its_decompressed_weights(tmp_path, tiny_llama_config, compression):
+    model, layers = write_split(tmp_path, tiny_llama_config())
+    packed = compress_split(layers, tmp_path / compression, compression)
+    ref = dequantized_model(model, compression)
+    ids = torch.tensor([[1, 5, 9, 77, 3, 100]])
+    with torch.inference_mode():
+        ref_logits = ref(ids).logits
+    with LayerStreamer(layers, device="cpu", dtype="fp32", progress=False) as st:
+        plain = st.forward(ids)
+        plain_read = {r["block"]: r["bytes"] for r in st.timeline}
+    with LayerStreamer(packed, device="cpu", dtype="fp32", progress=False, drop_page_cache=True) as st:
+        assert st.compression == compression and plain.shape == (1, 6, 128)
+        logits = st.forward(ids)
+        read = {r["block"]: r["bytes"] for r in st.timeline}
+        assert torch.equal(st.generate(ids, 3)[:, :6], ids)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(logits, plain, atol=1e-6)  # the weights really were the compressed ones
+    # what a pass reads is the compressed bytes: a layer's fp32 weights at 1 byte (int8) or half a byte (nf4) each
+    index = read_layer_index(packed)
+    assert {b: read[b] for b in index.files if b != "model.embed_tokens"} == \
+           {b: n for b, n in index.bytes.items() if b != "model.embed_tokens"}
+    ratio = read["model.layers.0"] / plain_read["model.layers.0"]
+    assert (0.25 < ratio < 0.27) if compression == "int8" else (0.125 < ratio < 0.16), ratio
+    assert read["model.embed_tokens"] == plain_read["model.embed_tokens"]  # the table is never compressed
+
+
+def test_a_compressed_split_that_names_an_unknown_codec_is_refused(tmp_path, tiny_llama_config):
+    from helpers.tensorfiles import CheckpointError
+
+    _, layers = write_split(tmp_path, tiny_llama_config())
+    raw = json.loads((layers / "layers.index.json").read_text())
+    (layers / "layers.index.json").write_text(json.dumps({**raw, "compression": "int3"}))
+    with pytest.raises(CheckpointError, match=r"compression 'int3'; expected one of None, 'int8', 'nf4'"):
+        LayerStreamer(layers, device="cpu", progress=False)
+
+
+@pytest.mark.cuda
+def test_cuda_in_place_equals_split(tmp_path, tiny_llama_config):
+    from helpers.models import synthetic_llama
+
+    checkpoint = synthetic_llama(tmp_path / "sharded", tiny_llama_config(tie_word_embeddings=True),
+                                 dtype=torch.float32, max_shard_size=40_000, progress=False)  # layers straddle shards
+    layers = split_by_layer(checkpoint, tmp_path / "layers", progress=False)
+    before = listing(checkpoint)
+    ids = torch.tensor([[1, 5, 9, 77, 3, 100], [4, 4, 8, 15, 16, 23]])
+    with LayerStreamer(layers, device="cpu", dtype="fp32", progress=False) as cpu:
+        ref, ref_ids = cpu.forward(ids), cpu.generate(ids[:1], 5)
+    with LayerStreamer(layers, device="cuda", dtype="fp32", progress=False) as st:
+        split, split_bytes = st.forward(ids), st.bytes_per_pass
+    with LayerStreamer(checkpoint, device="cuda", dtype="fp32", progress=False, drop_page_cache=True) as st:
+        runs = [st.forward(ids) for _ in range(3)]  # the pinned slots (several ranges a block) and events reused
+        assert st.source.pinned_bytes > 0 and st.bytes_per_pass == split_bytes  # the weights' bytes, both ways
+        assert torch.equal(st.generate(ids[:1], 5), ref_ids)
+    assert st.source.pinned_bytes == 0
+    torch.testing.assert_close(runs[0], ref, rtol=1e-4, atol=1e-4)
+    assert all(torch.equal(r, split) for r in runs)  # the same kernels on the same weights
+    assert listing(checkpoint) == before
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("compression", ["int8", "nf4"])
+def test_cuda_compressed_split_equals_cpu(tmp_path, tiny_llama_config, compression):
+    _, layers = write_split(tmp_path, tiny_llama_config())
+    packed = compress_split(layers, tmp_path / compression, compression)
+    ids = torch.tensor([[1, 5, 9, 77, 3, 100]])
+    with LayerStreamer(packed, device="cpu", dtype="fp32", progress=False) as cpu:
+        ref = cpu.forward(ids)
+    with LayerStreamer(packed, device="cuda", dtype="fp32", progress=False) as st:
+        runs = [st.forward(ids) for _ in range(2)]  # decompressed on the copy stream, handed over by event
+        read = {r["block"]: r["bytes"] for r in st.timeline}
+    index = read_layer_index(packed)
+    assert read == index.bytes  # the compressed bytes cross the bus (on CUDA the embedding table whole)
+    torch.testing.assert_close(runs[0], ref, rtol=1e-4, atol=1e-4)
+    assert torch.equal(runs[0], runs[1])

@@ -236,3 +236,112 @@ def test_read_layer_index_checks_what_it_reads(tmp_path):
         tf.read_layer_index(tmp_path)
     with pytest.raises(FileNotFoundError, match="split_by_layer"):
         tf.read_layer_index(tmp_path / "missing")
+
+
+def test_read_layer_index_reads_the_compression(tmp_path):
+    index = tf.LayerIndex(blocks=["model.norm"], files={"model.norm": "n.safetensors"}, tied={},
+                          bytes={"model.norm": 8}, compression="nf4")
+    index.write(tmp_path)
+    assert tf.read_layer_index(tmp_path) == index and tf.read_layer_index(tmp_path).compression == "nf4"
+    raw = json.loads((tmp_path / tf.LAYERS_INDEX).read_text())
+    del raw["compression"]  # a split written before compression existed
+    (tmp_path / tf.LAYERS_INDEX).write_text(json.dumps(raw))
+    assert tf.read_layer_index(tmp_path).compression is None
+    (tmp_path / tf.LAYERS_INDEX).write_text(json.dumps({**raw, "compression": "zip"}))
+    with pytest.raises(CheckpointError, match="compression 'zip'; expected one of None, 'int8', 'nf4'"):
+        tf.read_layer_index(tmp_path)
+
+
+# --------------------------------------------------------------------------- byte ranges: reading a block in place
+
+def test_map_range_and_read_range_read_exactly_those_bytes(tmp_path):
+    import mmap
+
+    path = tmp_path / "blob.bin"
+    blob = torch.randint(0, 256, (3 * mmap.PAGESIZE + 123,), dtype=torch.uint8)
+    path.write_bytes(blob.numpy().tobytes())
+    big = torch.zeros(4 * mmap.PAGESIZE, dtype=torch.uint8)
+    for start, length in [(0, blob.numel()), (5, 100), (mmap.PAGESIZE - 3, 10), (blob.numel() - 1, 1), (77, 0)]:
+        want = blob[start:start + length]
+        for populate in (True, False):
+            assert torch.equal(tf.map_range(path, start, length, populate=populate), want)
+        data, buffer = tf.read_range(path, start, length, big[64:])
+        assert torch.equal(data, want) and buffer.data_ptr() == big.data_ptr() + 64  # read into the given buffer
+    assert torch.equal(tf.map_range(path, 10), blob[10:])  # to the end
+    for read in (tf.map_range, tf.read_range):
+        with pytest.raises(CheckpointError, match=rf"blob.bin.*{blob.numel() - 9:,}.*{blob.numel():,} bytes"):
+            read(path, blob.numel() - 9, 10)
+
+
+def test_pieces_are_the_fewest_contiguous_ranges_of_a_blocks_tensors(tmp_path):
+    path = tmp_path / "shard.safetensors"
+    tensors = {"a.x": torch.randn(3), "a.y": torch.randn(2, 2), "b.x": torch.randn(5), "a.z": torch.randn(4).half(),
+               "a.e": torch.zeros(0, 2)}
+    save_file(tensors, path)  # safetensors orders by dtype, then name: a.e, a.x, a.y, b.x (f32), a.z (f16)
+    header = tf.read_header(path)
+    pieces = tf.pieces_of(header, {"a.x": "x", "a.y": "y", "a.z": "z"})
+    assert [sorted(p.tensors) for p in pieces] == [["x", "y"], ["z"]]  # b.x sits between them
+    assert [p.length for p in pieces] == [(3 + 4) * 4, 4 * 2]
+    for piece in pieces:
+        for views in (piece.views(tf.map_range(path, piece.start, piece.length)),
+                      piece.views(tf.read_range(path, piece.start, piece.length)[0])):
+            assert all(torch.equal(views[k], tensors[f"a.{k}"]) for k in piece.tensors)
+    (one,) = tf.pieces_of(header, {k: k for k in tensors})  # the whole file: one range, its data region
+    assert (one.start, one.length) == (header.data_start, header.data_bytes)
+    with pytest.raises(CheckpointError, match="no readable entry for tensor 'a.nope'"):
+        tf.pieces_of(header, {"a.nope": "nope"})
+    broken = tf.Header(path, header.data_start, header.data_bytes - 1, header.tensors, {})  # as if truncated
+    with pytest.raises(CheckpointError, match=r"tensor 'a.z' has data_offsets .* do not fit"):
+        tf.pieces_of(broken, {"a.z": "z"})
+
+
+def test_block_layout_of_a_checkpoint_is_its_splits(tmp_path, tiny_llama_config):
+    from helpers.checkpoints import split_by_layer
+    from helpers.models import synthetic_llama
+
+    checkpoint = synthetic_llama(tmp_path / "ckpt", tiny_llama_config(tie_word_embeddings=True), dtype=torch.float32,
+                                 max_shard_size=40_000, progress=False)
+    split = split_by_layer(checkpoint, tmp_path / "layers", progress=False)
+    ours, theirs = tf.block_layout(checkpoint), tf.block_layout(split)
+    assert (ours.kind, theirs.kind) == ("checkpoint", "split") and ours.compression is theirs.compression is None
+    assert ours.blocks == theirs.blocks == tf.read_layer_index(split).blocks
+    assert max(len(ours.pieces[b]) for b in ours.blocks) > 1 and all(len(theirs.pieces[b]) == 1 for b in theirs.blocks)
+    for block in ours.blocks:
+        assert ours.bytes(block) == theirs.bytes(block)  # every range holds only the block's tensors
+        names = lambda layout: {k: v[:2] for p in layout.pieces[block] for k, v in p.tensors.items()}  # noqa: E731
+        assert names(ours) == names(theirs)  # the same names in the block, dtypes and shapes
+    assert list(ours.pieces["lm_head"][0].tensors) == ["weight"]  # tied: the embedding's table, as lm_head's weight
+    assert ours.pieces["lm_head"] == ours.pieces["model.embed_tokens"]
+    assert tf.layout_kind(checkpoint) == "checkpoint" and tf.layout_kind(split) == "split"
+    with pytest.raises(FileNotFoundError, match=rf"{tmp_path} is neither a per-layer split .* nor a safetensors"):
+        tf.block_layout(tmp_path)
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="posix_fadvise (Linux)")
+def test_drop_page_range_drops_only_the_pages_of_that_range(tmp_path):
+    import ctypes
+    import mmap
+
+    path = tmp_path / "blob.bin"
+    pages = 32
+    with open(path, "wb") as f:
+        f.write(os.urandom(pages * mmap.PAGESIZE))
+    tf.drop_page_cache(path)  # written pages can linger (dirty, or in the kernel's per-CPU lists): start cold
+    path.read_bytes()  # then every page in the cache, as a read leaves it
+
+    def resident() -> list[bool]:
+        """Which pages of the file are in the page cache now (mincore on a fresh mapping: nothing is read)."""
+        with open(path, "rb") as f:
+            mapping = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        anchor = ctypes.c_char.from_buffer(mapping)
+        vec = (ctypes.c_ubyte * pages)()
+        done = ctypes.CDLL(None).mincore(ctypes.c_void_p(ctypes.addressof(anchor)), ctypes.c_size_t(len(mapping)), vec)
+        del anchor
+        mapping.close()
+        assert done == 0
+        return [bool(v & 1) for v in vec]
+
+    if not all(resident()):
+        pytest.skip("this file system does not keep the file's pages cached")
+    tf.drop_page_range(path, 5 * mmap.PAGESIZE + 10, 3 * mmap.PAGESIZE)  # bytes in pages 5 to 8
+    assert resident() == [not 5 <= i <= 8 for i in range(pages)]
