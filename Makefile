@@ -7,6 +7,7 @@
 #                     every chapter run outside the repository (outputs not compared); not part of CI
 #   make test-oldest  the same with every lower bound of pyproject.toml installed exactly
 #   make run NB=...   re-execute one chapter in place, top to bottom in a fresh kernel
+#   make bench-airllm chapter 08's benchmark with AirLLM, an optional extra kept out of the lock (needs network)
 # and two for a CUDA machine with no network (README, "GPU check"):
 #   make gpu-wheels   here, with network: download into .whl the wheels that machine lacks (pinned by the lock)
 #   make gpu-check    there, with its own python3 and .whl: the CUDA tests and the GPU benchmark, one report in OUT
@@ -26,7 +27,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: all setup test unit nbval book run lock test-latest test-oldest gpu-check gpu-wheels clean
+.PHONY: all setup test unit nbval book run lock test-latest test-oldest gpu-check gpu-wheels bench-airllm clean
 
 all: test
 
@@ -56,6 +57,21 @@ book: $(STAMP)
 # Re-execute one chapter in place, top to bottom in a fresh kernel: make run NB=book/00_setup.ipynb
 run: $(STAMP)
 	$(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=1800 $(NB)
+
+# AirLLM beside the streaming benchmark's other anchors, never a requirement: pip --target puts it in a folder of its
+# own inside .venv with --no-deps (every package it imports is locked already), so no locked package changes and the
+# wheel's stray top-level `tests` package shadows nothing; the benchmark finds it on PYTHONPATH.
+# make bench-airllm BENCH_ARGS="--size 2GB" for the book's model size.
+AIRLLM     ?= airllm==4.0.0
+AIRLLM_DIR := $(VENV)/airllm
+BENCH_ARGS ?= --small --rounds 1
+
+bench-airllm: $(STAMP)
+	$(PY) -m pip install --quiet --no-deps --upgrade --target $(AIRLLM_DIR) "$(AIRLLM)"
+	@PYTHONPATH=$(AIRLLM_DIR) $(PY) -c "import airllm" || { echo "bench-airllm: $(AIRLLM) does not import with \
+	this .venv (transformers $$($(PY) -c 'import transformers; print(transformers.__version__)')): the error is \
+	above; the benchmark without AirLLM is: $(PY) -m helpers.streaming_benchmark $(BENCH_ARGS)"; exit 1; }
+	PYTHONPATH=$(AIRLLM_DIR) $(PY) -m helpers.streaming_benchmark $(BENCH_ARGS)
 
 lock:
 	PYTHON="$(PYTHON)" TORCH="$(TORCH)" scripts/lock.sh $(LOCK)

@@ -2,7 +2,9 @@
 
 The benchmark lives in the package (helpers/streaming_benchmark.py) so that readers who installed only
 ``helpers`` run it too; see that module for what it measures and its options (``--help``). On a GPU machine:
-``python benchmarks/streaming.py --device cuda --small --rounds 1 --json report.json``.
+``python benchmarks/streaming.py --device cuda --small --rounds 1 --json report.json``. A model with
+Llama-2-70B's shapes, 16 of its layers, bigger than a 24 GB machine's RAM:
+``python benchmarks/streaming.py --shape llama-2-70b --layers 16 --json report.json``.
 """
 
 import sys

@@ -439,11 +439,6 @@ def test_cuda_paths_fail_clearly_without_cuda():
     assert "measuring" not in proc.stdout  # it stopped before writing or measuring anything
 
 
-def test_benchmark_help_lists_device(run_python):
-    out = " ".join(run_python("from helpers.streaming_benchmark import main; main(['--help'])").split())
-    assert "--device {cpu,cuda}" in out and "(default cpu)" in out
-
-
 # --------------------------------------------------------------------------- CUDA (synthetic tiny models only)
 
 @pytest.fixture
