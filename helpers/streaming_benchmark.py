@@ -266,38 +266,15 @@ def _disk_map(a, config) -> dict:
             **{f"model.layers.{i}": "disk" for i in range(config.num_hidden_layers)}}
 
 
-def run_accelerate(a) -> dict:
-    from accelerate import init_empty_weights, load_checkpoint_and_dispatch
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _time_offloaded(a, load) -> dict:
+    """Load a disk-offloaded model with ``load(config, offload_folder)`` and time cold passes of it (every file it
+    reads dropped from the page cache first): the protocol both disk-offload anchors share."""
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(a.model)
     offload = Path(tempfile.mkdtemp(prefix="offload-", dir=a.out))
     with measure() as m:
-        with init_empty_weights():
-            model = AutoModelForCausalLM.from_config(config, dtype=parse_dtype(a.dtype))
-        model = load_checkpoint_and_dispatch(model, str(a.model), device_map=_disk_map(a, config),
-                                             offload_folder=str(offload),
-                                             dtype=parse_dtype(a.dtype)).eval()
-        ids = _prompt(a, config.vocab_size).to(a.device)
-        files = checkpoint_files(a.model) + [p for p in offload.rglob("*") if p.is_file()]
-        with torch.inference_mode():
-            times, logits = _timed_passes(a, lambda: model(ids).logits, files)
-    ref = torch.load(a.out / "inmemory.pt", weights_only=True)
-    offloaded = sum(p.stat().st_size for p in offload.rglob("*") if p.is_file())
-    return {"seconds": min(times), "times": times, "peak_rss": m.cpu_peak_bytes, "offload_folder_bytes": offloaded,
-            "max_abs_diff": float((logits[:, -1].float().cpu() - ref).abs().max()), **_extra(a, m)}
-
-
-def run_transformers_disk(a) -> dict:
-    """transformers' own disk offload: ``from_pretrained`` with decoder layers and lm_head on "disk". transformers
-    5 reads such weights straight from the safetensors shards (``offload_folder_bytes``: what it wrote, 0 expected)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(a.model)
-    offload = Path(tempfile.mkdtemp(prefix="offload-", dir=a.out))
-    with measure() as m:
-        model = AutoModelForCausalLM.from_pretrained(a.model, device_map=_disk_map(a, config),
-                                                     offload_folder=str(offload), dtype=parse_dtype(a.dtype)).eval()
+        model = load(config, offload).eval()
         ids = _prompt(a, config.vocab_size).to(a.device)
         files = checkpoint_files(a.model) + [p for p in offload.rglob("*") if p.is_file()]
         with torch.inference_mode():
@@ -307,6 +284,30 @@ def run_transformers_disk(a) -> dict:
     return {"seconds": min(times), "times": times, "peak_rss": m.cpu_peak_bytes, "offload_folder_bytes": offloaded,
             "shards_mapped": _mapped(checkpoint_files(a.model)),
             "max_abs_diff": float((logits[:, -1].float().cpu() - ref).abs().max()), **_extra(a, m)}
+
+
+def run_accelerate(a) -> dict:
+    """accelerate's disk offload: ``load_checkpoint_and_dispatch`` with decoder layers and lm_head on "disk"
+    (it writes those weights to its offload folder first)."""
+    from accelerate import init_empty_weights, load_checkpoint_and_dispatch
+    from transformers import AutoModelForCausalLM
+
+    def load(config, offload):
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=parse_dtype(a.dtype))
+        return load_checkpoint_and_dispatch(model, str(a.model), device_map=_disk_map(a, config),
+                                            offload_folder=str(offload), dtype=parse_dtype(a.dtype))
+
+    return _time_offloaded(a, load)
+
+
+def run_transformers_disk(a) -> dict:
+    """transformers' own disk offload: ``from_pretrained`` with decoder layers and lm_head on "disk". transformers
+    5 reads such weights straight from the safetensors shards (``offload_folder_bytes``: what it wrote, 0 expected)."""
+    from transformers import AutoModelForCausalLM
+
+    return _time_offloaded(a, lambda config, offload: AutoModelForCausalLM.from_pretrained(
+        a.model, device_map=_disk_map(a, config), offload_folder=str(offload), dtype=parse_dtype(a.dtype)))
 
 
 def _mapped(files: list[Path]) -> Optional[int]:
