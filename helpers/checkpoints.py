@@ -22,10 +22,9 @@ import torch
 
 from .memory import format_size
 from .quant import COMPRESSIONS, compress_state, compressed_specs
-from .tensorfiles import (INDEX, LAYERS_FORMAT, LAYERS_INDEX, MANIFEST, SINGLE, ST_DTYPES, CheckpointError, Header,
-                          LayerIndex, block_of, block_order, cache_key, file_key, why_stale, read_header,
-                          save_safetensors, staging_dir,
-                          weight_map, write_manifest)
+from .tensorfiles import (INDEX, LAYERS_FORMAT, LAYERS_INDEX, SINGLE, ST_DTYPES, CheckpointError, Header, LayerIndex,
+                          block_of, block_order, cache_key, file_key, manifest_info, read_header, save_safetensors,
+                          staging_dir, weight_map, why_stale, write_manifest, written_by_helpers)
 
 __all__ = ["CheckpointError", "TensorInfo", "CheckpointInfo", "read_tensor", "inspect_checkpoint",
            "validate_checkpoint", "split_by_layer"]
@@ -214,14 +213,6 @@ def validate_checkpoint(path: PathLike, model: torch.nn.Module, *, check_dtype: 
 
 # --------------------------------------------------------------------------- split by layer
 
-def _split_compression(out_dir: Path) -> Optional[str]:
-    """The compression an existing split of helpers was made with (None for a plain one), from its manifest."""
-    try:
-        return json.loads((out_dir / MANIFEST).read_text())["info"].get("compression")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
-
-
 def split_by_layer(path: PathLike, out_dir: PathLike, *, compression: Optional[str] = None,
                    progress: bool = True) -> Path:
     """Rewrite a safetensors checkpoint as one file per top-level block plus ``layers.index.json``. Built in chapter 03.
@@ -255,8 +246,8 @@ def split_by_layer(path: PathLike, out_dir: PathLike, *, compression: Optional[s
         problems = why_stale(out_dir, key)
         if not problems:
             return out_dir
-        stored = _split_compression(out_dir)
-        if (out_dir / MANIFEST).is_file() and stored != compression:
+        stored = manifest_info(out_dir).get("compression")
+        if written_by_helpers(out_dir) and stored != compression:
             problems.insert(0, f"it was split with compression={stored!r}, not compression={compression!r}")
         raise FileExistsError(f"{out_dir} exists and is not a complete split of {root} ({'; '.join(problems)}); "
                               "remove it or choose another out_dir")

@@ -59,8 +59,8 @@ import torch
 
 from helpers.memory import format_size, measure, parse_size
 from helpers.meta import parse_dtype
-from helpers.tensorfiles import (drop_page_cache, map_safetensors, read_layer_index, read_safetensors, weight_map,
-                                 write_json)
+from helpers.tensorfiles import (block_layout, drop_page_cache, map_safetensors, read_layer_index, read_safetensors,
+                                 weight_map, write_json)
 
 COMPUTE_DTYPES = ("fp32", "bf16")  # --dtype: what the weights are stored and computed in (helpers.meta.parse_dtype)
 BIG = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=16, num_key_value_heads=16,
@@ -90,23 +90,15 @@ def make_config(base: dict, size: int, dtype: str) -> dict:
     return dict(base, num_hidden_layers=max(2, math.ceil((size - rest) / layer)), max_position_embeddings=4096)
 
 
-def layer_files(layers: Path) -> list[Path]:
-    return [layers / f for f in read_layer_index(layers).files.values()]
-
-
-def checkpoint_files(model: Path) -> list[Path]:
-    """The safetensors shards of a checkpoint folder (or its single file)."""
-    root, names = weight_map(model)
-    return [root / f for f in sorted(set(names.values()))]
+def files_of(directory: Path) -> list[Path]:
+    """The files a streamer reads from ``directory``: a split's layer files, or a checkpoint's shards."""
+    layout = block_layout(directory)
+    return sorted({piece.path for pieces in layout.pieces.values() for piece in pieces})
 
 
 def _stream_dir(a) -> Path:
     """What LayerStreamer reads: the checkpoint itself (``--source inplace``) or its per-layer split."""
     return a.model if a.source == "inplace" else a.layer_dir
-
-
-def _stream_files(a) -> list[Path]:
-    return checkpoint_files(a.model) if a.source == "inplace" else layer_files(a.layer_dir)
 
 
 # --------------------------------------------------------------------------- variants (one per subprocess)
@@ -116,7 +108,7 @@ def run_disk(a) -> dict:
     pages dropped first, three ways, interleaved; best of ``--repeat`` each."""
     from safetensors.torch import load_file
 
-    files = layer_files(a.layer_dir) if a.layer_dir else checkpoint_files(a.model)
+    files = files_of(a.layer_dir or a.model)
     nbytes = sum(f.stat().st_size for f in files)
     buf = torch.empty(max(f.stat().st_size for f in files), dtype=torch.uint8)
 
@@ -176,7 +168,7 @@ def run_h2d(a) -> dict:
     """Host-to-device bandwidth (CUDA only), pinned and pageable, for copies the size of the biggest layer file."""
     from helpers.streaming import h2d_bandwidth
 
-    nbytes = max(f.stat().st_size for f in layer_files(a.layer_dir))
+    nbytes = max(f.stat().st_size for f in files_of(a.layer_dir))
     pinned = h2d_bandwidth(nbytes, pinned=True, repeat=max(3, a.repeat))
     pageable = h2d_bandwidth(nbytes, pinned=False, repeat=max(3, a.repeat))
     return {"bytes": nbytes, "pinned_bandwidth": pinned, "pageable_bandwidth": pageable,
@@ -245,7 +237,7 @@ def run_overlap(a) -> dict:
 def run_stream(a) -> dict:
     from helpers.streaming import LayerStreamer
 
-    files = _stream_files(a)
+    files = files_of(_stream_dir(a))
     with LayerStreamer(_stream_dir(a), device=a.device, dtype=a.dtype, prefetch=a.variant == "stream-prefetch",
                        drop_page_cache=True, progress=False) as st:
         ids = _prompt(a, st.config.vocab_size)
@@ -276,13 +268,13 @@ def _time_offloaded(a, load) -> dict:
     with measure() as m:
         model = load(config, offload).eval()
         ids = _prompt(a, config.vocab_size).to(a.device)
-        files = checkpoint_files(a.model) + [p for p in offload.rglob("*") if p.is_file()]
+        files = files_of(a.model) + [p for p in offload.rglob("*") if p.is_file()]
         with torch.inference_mode():
             times, logits = _timed_passes(a, lambda: model(ids).logits, files)
     ref = torch.load(a.out / "inmemory.pt", weights_only=True)
     offloaded = sum(p.stat().st_size for p in offload.rglob("*") if p.is_file())
     return {"seconds": min(times), "times": times, "peak_rss": m.cpu_peak_bytes, "offload_folder_bytes": offloaded,
-            "shards_mapped": _mapped(checkpoint_files(a.model)),
+            "shards_mapped": _mapped(files_of(a.model)),
             "max_abs_diff": float((logits[:, -1].float().cpu() - ref).abs().max()), **_extra(a, m)}
 
 
@@ -382,7 +374,7 @@ def run_shape_stream(a) -> dict:
     from helpers.memory import rss_split
     from helpers.streaming import LayerStreamer
 
-    files = _stream_files(a)
+    files = files_of(_stream_dir(a))
     passes = []
     with LayerStreamer(_stream_dir(a), device=a.device, dtype=a.dtype, prefetch=True, drop_page_cache=True,
                        progress=False) as st:

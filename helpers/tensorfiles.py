@@ -41,7 +41,8 @@ __all__ = [
     "ST_DTYPES", "CheckpointError", "Header", "read_header", "tensor_views", "read_range", "read_safetensors",
     "map_range", "map_safetensors", "touch_rows", "drop_page_cache", "drop_page_range", "atomic_file", "write_json",
     "write_safetensors", "save_safetensors",
-    "staging_dir", "MANIFEST", "KEY_FIELD", "file_key", "cache_key", "write_manifest", "why_stale", "written_by_helpers",
+    "staging_dir", "MANIFEST", "KEY_FIELD", "file_key", "cache_key", "write_manifest", "why_stale",
+    "manifest_info", "written_by_helpers",
     "INDEX", "SINGLE", "weight_map", "pack_shards", "shard_name", "save_sharded",
     "LAYERS_INDEX", "LAYERS_FORMAT", "COMPRESSIONS", "LayerIndex", "read_layer_index",
     "block_of", "block_order", "Piece", "pieces_of", "BlockLayout", "layout_kind", "block_layout",
@@ -413,6 +414,12 @@ def _manifest(directory: Path) -> Optional[dict]:
         return manifest if isinstance(manifest, dict) else None
     except (OSError, ValueError):
         return None
+
+
+def manifest_info(directory: PathLike) -> dict:
+    """What ``write_manifest`` recorded about a folder beside its key (``{}`` for a folder without a manifest)."""
+    info = (_manifest(Path(directory)) or {}).get("info")
+    return info if isinstance(info, dict) else {}
 
 
 def written_by_helpers(path: PathLike) -> bool:
