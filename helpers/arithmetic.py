@@ -19,6 +19,7 @@ from typing import Iterable, Optional, Union
 
 import torch
 
+from .layout import block_of, block_order
 from .memory import format_size, parse_size
 from .meta import parse_dtype
 
@@ -255,29 +256,10 @@ def weight_bytes(config, dtype, *, skip_modules: Iterable[str] = ("lm_head",), c
     return sum(b for _, b in _param_bytes(config, dtype, skip_modules, compute_dtype, double_quant))
 
 
-def _blocks(config) -> list[str]:
-    """Top-level blocks in execution order: the modules around and inside the decoder-layer list."""
-    model = meta_model(config)
-    n_layers = config.num_hidden_layers
-
-    def expand(module, prefix: str) -> list[str]:
-        names = []
-        for child_name, child in module.named_children():
-            full = f"{prefix}{child_name}"
-            if isinstance(child, torch.nn.ModuleList) and len(child) == n_layers:
-                names += [f"{full}.{i}" for i in range(n_layers)]
-            elif any(isinstance(m, torch.nn.ModuleList) and len(m) == n_layers for m in child.modules()):
-                names += expand(child, full + ".")
-            else:
-                names.append(full)
-        return names
-
-    return expand(model, "")
-
-
 def block_bytes(config, dtype, **kwargs) -> dict[str, int]:
-    """Bytes of each top-level block ("model.embed_tokens", "model.layers.0", ..., "lm_head") in
-    execution order; a tied ``lm_head`` is 0 (its weight is counted in the embeddings). Built in chapter 02.
+    """Bytes of each block ("model.embed_tokens", "model.layers.0", ..., "lm_head") in execution order, the
+    blocks being ``helpers.layout``'s (the ones chapter 03 splits a checkpoint into and chapter 08 streams); a
+    tied ``lm_head`` is 0 (its weight is counted in the embeddings). Built in chapter 02.
 
     Blocks without parameters (rotary embeddings, dropout) are left out. ``kwargs`` as in ``weight_bytes``.
     """
@@ -285,14 +267,10 @@ def block_bytes(config, dtype, **kwargs) -> dict[str, int]:
                          kwargs.pop("compute_dtype", "fp16"), kwargs.pop("double_quant", False))
     if kwargs:
         raise ValueError(f"unexpected arguments {sorted(kwargs)}; expected skip_modules, compute_dtype, double_quant")
-    result = {}
-    model = meta_model(config)
-    for block in _blocks(config):
-        total = sum(b for p, b in sizes if p.startswith(block + "."))
-        has_params = any(True for _ in model.get_submodule(block).named_parameters(remove_duplicate=False))
-        if total or has_params:
-            result[block] = total
-    return result
+    result = {block_of(name): 0 for name, _ in meta_model(config).named_parameters(remove_duplicate=False)}
+    for name, nbytes in sizes:
+        result[block_of(name)] += nbytes
+    return {block: result[block] for block in sorted(result, key=block_order)}
 
 
 # --------------------------------------------------------------------------- runtime tensors

@@ -4,9 +4,10 @@ Built in chapter 03. A safetensors file is an 8-byte little-endian header length
 (``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}``) and then the raw
 bytes, offsets counted from the end of the header; ``helpers.tensorfiles.read_header`` parses it. A sharded
 checkpoint adds ``model.safetensors.index.json`` whose ``weight_map`` says which shard holds each name.
-Everything here reads headers only, except ``read_tensor`` and ``split_by_layer``. Chapter 08 adds
-``split_by_layer(..., compression="int8" | "nf4")``: a split whose linear weights are stored in 8 or 4 bits
-(``helpers.quant.compress_state``), fewer bytes for a layer streamer to read on every pass.
+Everything here reads headers only, except ``read_tensor`` and ``split_by_layer``. Which tensors make up each
+block, and the split's index, are ``helpers.layout``'s (the same rule chapter 08's streamer reads checkpoints
+in place by). Chapter 08 adds ``split_by_layer(..., codec=...)``: a split whose linear weights are stored in 8
+or 4 bits by a codec it is handed (``helpers.quant.codec("int8")``), fewer bytes for a streamer to read.
 """
 
 from __future__ import annotations
@@ -20,11 +21,10 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
+from .layout import INDEX, LAYERS_FORMAT, LAYERS_INDEX, SINGLE, Codec, LayerIndex, group_blocks, is_tied, weight_map
 from .memory import format_size
-from .quant import COMPRESSIONS, compress_state, compressed_specs
-from .tensorfiles import (INDEX, LAYERS_FORMAT, LAYERS_INDEX, SINGLE, ST_DTYPES, CheckpointError, Header, LayerIndex,
-                          block_of, block_order, cache_key, file_key, manifest_info, read_header, save_safetensors,
-                          staging_dir, weight_map, why_stale, write_manifest, written_by_helpers)
+from .tensorfiles import (ST_DTYPES, CheckpointError, Header, cache_key, file_key, manifest_info, read_header,
+                          save_safetensors, staging_dir, why_stale, write_manifest, written_by_helpers)
 
 __all__ = ["CheckpointError", "TensorInfo", "CheckpointInfo", "read_tensor", "inspect_checkpoint",
            "validate_checkpoint", "split_by_layer"]
@@ -213,26 +213,29 @@ def validate_checkpoint(path: PathLike, model: torch.nn.Module, *, check_dtype: 
 
 # --------------------------------------------------------------------------- split by layer
 
-def split_by_layer(path: PathLike, out_dir: PathLike, *, compression: Optional[str] = None,
+def split_by_layer(path: PathLike, out_dir: PathLike, *, codec: Optional[Codec] = None,
                    progress: bool = True) -> Path:
-    """Rewrite a safetensors checkpoint as one file per top-level block plus ``layers.index.json``. Built in chapter 03.
+    """Rewrite a safetensors checkpoint as one file per block plus ``layers.index.json``. Built in chapter 03.
 
-    The split is built in a temporary folder and appears as ``out_dir`` only once complete. Called again
-    with the same source and compression, it returns the existing split without reading anything; a split
-    of another source or another compression is refused, never overwritten.
+    The blocks are ``helpers.layout.group_blocks``': each decoder layer, the modules around them, and a tied
+    ``lm_head`` as a block without a file (it reads the embedding's table). The split is built in a temporary
+    folder and appears as ``out_dir`` only once complete. Called again with the same source and codec, it
+    returns the existing split without reading anything; a split of another source or codec is refused, never
+    overwritten.
 
-    ``compression`` (chapter 08): None keeps every tensor as the checkpoint stores it; ``"int8"`` or ``"nf4"``
-    stores each linear weight (q/k/v/o, gate/up/down projections, an untied ``lm_head``) in 8 or 4 bits through
-    ``helpers.quant.compress_state``, and the streamer rebuilds it with ``decompress_state``. The embeddings and
-    norms stay as they are, and so does a tied ``lm_head`` (SmolLM2's): it is the embedding table, stored once.
-    The index records the compression, and its ``bytes`` are the bytes really stored. A compressed split is
-    not a checkpoint ``from_pretrained`` or ``validate_checkpoint`` can read.
+    ``codec`` (chapter 08): None keeps every tensor as the checkpoint stores it; a ``helpers.quant`` codec
+    (``codec("int8")``, ``codec("nf4")``) stores each linear weight (q/k/v/o, gate/up/down projections, an untied
+    ``lm_head``) in 8 or 4 bits, and the streamer rebuilds it. The embeddings and norms stay as they are, and so
+    does a tied ``lm_head``. The index records the codec's name, and its ``bytes`` are the bytes really stored.
+    A compressed split is not a checkpoint ``from_pretrained`` or ``validate_checkpoint`` can read.
     """
     from safetensors import safe_open
     from tqdm.auto import tqdm
 
-    if compression not in COMPRESSIONS:
-        raise ValueError(f"compression {compression!r} must be one of {', '.join(map(repr, COMPRESSIONS))}")
+    if codec is not None and not all(callable(getattr(codec, m, None)) for m in ("specs", "compress", "decompress")):
+        raise ValueError(f"codec {codec!r} must be None or a codec such as helpers.quant.codec('int8'), "
+                         "with specs, compress and decompress")
+    name = None if codec is None else codec.name
     path, out_dir = Path(path), Path(out_dir)
     root, names = weight_map(path)
     if not (root / "config.json").is_file():
@@ -241,50 +244,46 @@ def split_by_layer(path: PathLike, out_dir: PathLike, *, compression: Optional[s
     if missing:
         raise CheckpointError(root, [f"{m}: shard file is missing" for m in missing])
     key = cache_key(split_of=file_key(*(root / f for f in sorted(set(names.values())))), format=LAYERS_FORMAT,
-                    **({"compression": compression} if compression else {}))  # plain splits keep their old key
+                    **({"compression": name} if name else {}))  # plain splits keep their old key
     if out_dir.exists() and any(out_dir.iterdir()):
         problems = why_stale(out_dir, key)
         if not problems:
             return out_dir
         stored = manifest_info(out_dir).get("compression")
-        if written_by_helpers(out_dir) and stored != compression:
-            problems.insert(0, f"it was split with compression={stored!r}, not compression={compression!r}")
+        if written_by_helpers(out_dir) and stored != name:
+            problems.insert(0, f"it was split with compression={stored!r}, not compression={name!r}")
         raise FileExistsError(f"{out_dir} exists and is not a complete split of {root} ({'; '.join(problems)}); "
                               "remove it or choose another out_dir")
 
-    config = json.loads((root / "config.json").read_text())
-    tied = "lm_head.weight" not in names or bool(config.get("tie_word_embeddings", False))
+    tied = is_tied(list(names), json.loads((root / "config.json").read_text()))
+    groups = group_blocks(names, tied)  # {block: {shard: {name in the shard: name in the block}}}
+    files = {b: g for b, g in groups.items() if not (tied and b == "lm_head")}  # a tied head has no file
     headers = {s: read_header(root / s) for s in dict.fromkeys(names.values())}
-    blocks: dict[str, list[str]] = {}
-    for name in names:
-        if not (tied and name == "lm_head.weight"):
-            blocks.setdefault(block_of(name), []).append(name)
-    order = sorted(blocks, key=block_order)
-    source_bytes = {b: sum(int(np.diff(headers[names[k]].tensors[k]["data_offsets"])[0]) for k in blocks[b])
-                    for b in order}
-    specs = [(k, headers[names[k]].tensors[k]["shape"], ST_DTYPES[headers[names[k]].tensors[k]["dtype"]])
-             for b in order for k in blocks[b]]
-    compressed_specs(specs, compression)  # a shape nf4 cannot store is refused before anything is written
+    source_bytes = {b: sum(int(np.diff(headers[f].tensors[k]["data_offsets"])[0]) for f, ks in g.items() for k in ks)
+                    for b, g in files.items()}
+    if codec is not None:  # a shape the codec cannot store is refused before anything is written
+        codec.specs([(k, headers[f].tensors[k]["shape"], ST_DTYPES[headers[f].tensors[k]["dtype"]])
+                     for g in files.values() for f, ks in g.items() for k in ks])
 
     nbytes = {}
     with staging_dir(out_dir) as tmp:
         bar = tqdm(total=sum(source_bytes.values()), unit="B", unit_scale=True, desc="splitting by layer",
                    disable=not progress)
-        for block in order:
+        for block, shards in files.items():
             tensors = {}
-            for shard in dict.fromkeys(names[k] for k in blocks[block]):
+            for shard, keys in shards.items():
                 with safe_open(root / shard, framework="pt") as f:  # mmap: pages are read as they are copied
-                    tensors.update({k: f.get_tensor(k) for k in blocks[block] if names[k] == shard})
-            nbytes[block] = save_safetensors(tmp / f"{block}.safetensors", compress_state(tensors, compression),
-                                             metadata={"format": "pt"})
-            del tensors
+                    tensors.update({k: f.get_tensor(k) for k in keys})
+            stored = tensors if codec is None else codec.compress(tensors)
+            nbytes[block] = save_safetensors(tmp / f"{block}.safetensors", stored, metadata={"format": "pt"})
+            del tensors, stored
             bar.update(source_bytes[block])
         bar.close()
-        for name in AUX_FILES:
-            if (root / name).is_file():
-                shutil.copyfile(root / name, tmp / name)
-        LayerIndex(blocks=order + (["lm_head"] if tied else []), files={b: f"{b}.safetensors" for b in order},
-                   tied={"lm_head.weight": "model.embed_tokens.weight"} if tied else {}, bytes=nbytes,
-                   compression=compression).write(tmp)
-        write_manifest(tmp, key, source=str(root), compression=compression)
+        for aux in AUX_FILES:
+            if (root / aux).is_file():
+                shutil.copyfile(root / aux, tmp / aux)
+        table = [k for names_in_file in groups["lm_head"].values() for k in names_in_file][0] if tied else None
+        LayerIndex(blocks=list(groups), files={b: f"{b}.safetensors" for b in files},
+                   tied={"lm_head.weight": table} if tied else {}, bytes=nbytes, compression=name).write(tmp)
+        write_manifest(tmp, key, source=str(root), compression=name)
     return out_dir

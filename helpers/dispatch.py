@@ -39,8 +39,9 @@ from torch import nn
 
 from helpers.device_map import validate_device_map
 from helpers.meta import is_inside
+from helpers.layout import weight_map
 from helpers.tensorfiles import (KEY_FIELD, cache_key, file_key, map_safetensors, read_safetensors, save_safetensors,
-                                 weight_map, why_stale, written_by_helpers)
+                                 why_stale, written_by_helpers)
 
 __all__ = ["dispatch", "undispatch", "check_dispatch", "plan", "materialise", "attach",
            "Use", "Tensor", "Entry", "Plan", "Dispatcher", "DISK_READS"]

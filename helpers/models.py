@@ -21,7 +21,8 @@ from typing import Mapping, Optional, Union
 import torch
 
 from .memory import parse_size
-from .tensorfiles import cache_key, why_stale, save_sharded, staging_dir, write_manifest, written_by_helpers
+from .layout import save_sharded
+from .tensorfiles import cache_key, staging_dir, why_stale, write_manifest, written_by_helpers
 
 __all__ = [
     "BOOK_MODEL_ID", "CACHE_ENV", "cache_dir", "book_model_dir", "load_book_model", "chat",
@@ -179,7 +180,7 @@ def _save_sharded(model, out: Path, shard_bytes: int) -> None:
     """Write ``model``'s weights as sharded safetensors + index, its config and generation config.
 
     Tensors go in model order, tied weights once (``lm_head.weight`` is ``embed_tokens.weight``), packed
-    by ``helpers.tensorfiles.pack_shards``: the layout depends on the model and ``shard_bytes`` only.
+    by ``helpers.layout.pack_shards``: the layout depends on the model and ``shard_bytes`` only.
     """
     state, seen, specs = model.state_dict(), set(), []
     for name, tensor in state.items():

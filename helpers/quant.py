@@ -13,9 +13,10 @@ checks that the dequantized weights agree with ``bitsandbytes.functional``.
 * ``token_metrics`` and ``bootstrap_ci``: quality against a reference model, per token, with a
   block-bootstrap confidence interval.
 
-Built in chapter 08 (layer streaming): ``compress_state`` / ``decompress_state``, the codec of compressed
-per-layer splits (``split_by_layer(..., compression="int8" | "nf4")``). A streamer reads every byte of the
-model on every pass, so storing the linear weights in 8 or 4 bits cuts the bytes read, as AirLLM and FlexGen do.
+Built in chapter 08 (layer streaming): the codecs of compressed per-layer splits, a small registry (``CODECS``,
+``codec("int8")``, ``codec("nf4")``) of ``Codec`` objects handed to ``split_by_layer(..., codec=...)``. A
+streamer reads every byte of the model on every pass, so storing the linear weights in 8 or 4 bits cuts the bytes
+read, as AirLLM and FlexGen do.
 """
 
 from __future__ import annotations
@@ -28,12 +29,11 @@ from typing import Mapping, Optional, Sequence
 import torch
 
 from .arithmetic import BNB_4BIT_BLOCKSIZE, BNB_NESTED_BLOCKSIZE  # 64 weights per absmax; 256 absmaxes per scale
-from .tensorfiles import COMPRESSIONS  # (None, "int8", "nf4"): what a per-layer split may store
 
 __all__ = ["nf4_levels", "fp4_levels", "dynamic_map", "RowwiseInt8", "quantize_int8", "int8_matmul",
            "quantize_blocks", "dequantize_blocks", "Blockwise4bit", "quantize_4bit", "model_bytes",
-           "token_metrics", "bootstrap_ci", "COMPRESSIONS", "is_linear_weight", "compressed_specs",
-           "compress_state", "decompress_state"]
+           "token_metrics", "bootstrap_ci", "is_linear_weight", "Codec", "Int8Rows", "NF4Blocks", "CODECS",
+           "codec"]
 
 NF4_OFFSET = 0.9677083  # the outermost quantile QLoRA uses (about 1.85 standard deviations)
 
@@ -283,15 +283,10 @@ def bootstrap_ci(values: torch.Tensor, *, block: int = 64, n_resamples: int = 20
     return values.double().mean().item(), low, high
 
 
-# --------------------------------------------------------------------------- compressed layer files (chapter 08)
+# --------------------------------------------------------------------------- codecs of compressed splits (chapter 08)
 
 _LINEAR = re.compile(r"(?:^|\.)(?:\w*_proj|lm_head)\.weight$")  # q/k/v/o_proj, gate/up/down_proj, lm_head
 Spec = tuple[str, Sequence[int], torch.dtype]
-
-
-def _check_compression(compression) -> None:
-    if compression not in COMPRESSIONS:
-        raise ValueError(f"compression {compression!r} must be one of {', '.join(map(repr, COMPRESSIONS))}")
 
 
 def is_linear_weight(name: str, shape: Sequence[int], dtype: torch.dtype) -> bool:
@@ -301,50 +296,126 @@ def is_linear_weight(name: str, shape: Sequence[int], dtype: torch.dtype) -> boo
     return bool(_LINEAR.search(name)) and len(shape) == 2 and dtype.is_floating_point
 
 
-def compressed_specs(specs: Sequence[Spec], compression: Optional[str]) -> list[Spec]:
-    """``(name, shape, dtype)`` of what ``compress_state`` stores for tensors of these specs, in the same
-    order; checks every spec first, so a split can refuse a model before it writes a byte. Built in chapter 08.
+class Codec:
+    """How a compressed split stores each linear weight (``is_linear_weight``) in fewer bytes; every other
+    tensor is stored as it is. A codec is handed to ``helpers.checkpoints.split_by_layer`` (chapter 03), which
+    records its ``name``; the streamer finds it again with ``codec(name)``. A subclass says what one weight
+    becomes (``parts``: a suffix, a shape and a dtype per stored tensor) and how (``encode``, ``decode``).
+    Built in chapter 08."""
 
-    int8: ``X.weight`` becomes ``X.weight.q`` (int8, (out, in)) + ``X.weight.absmax`` (float32, (out,)).
-    nf4: ``X.weight.packed`` (uint8, (out, in // 2)) + ``X.weight.absmax`` (float32, (out * in // 64,)),
-    which needs an even ``in`` (a byte holds two codes of one row) and whole blocks of 64.
-    """
-    _check_compression(compression)
-    out: list[Spec] = []
-    for name, shape, dtype in specs:
-        if compression is None or not is_linear_weight(name, shape, dtype):
-            out.append((name, shape, dtype))
-            continue
+    name: str = ""
+    suffixes: tuple[str, ...] = ()  # of a weight's stored tensors, in ``parts`` order
+
+    def parts(self, name: str, shape: Sequence[int]) -> list[Spec]:
+        """What ``name`` of ``shape`` is stored as; ``ValueError`` naming it if this codec cannot store it."""
+        raise NotImplementedError
+
+    def encode(self, w: torch.Tensor) -> list[torch.Tensor]:
+        """The stored tensors of one weight, in the order of ``parts``."""
+        raise NotImplementedError
+
+    def decode(self, parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """The weight again, in ``dtype``, on the device its parts are on."""
+        raise NotImplementedError
+
+    def specs(self, specs: Sequence[Spec]) -> list[Spec]:
+        """``(name, shape, dtype)`` of what ``compress`` stores for tensors of these specs, in the same order;
+        checks every spec first, so a split can refuse a model before it writes a byte."""
+        out: list[Spec] = []
+        for name, shape, dtype in specs:
+            out += self.parts(name, tuple(shape)) if is_linear_weight(name, shape, dtype) else [(name, shape, dtype)]
+        return out
+
+    def compress(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A block's tensors as the split stores them, named as ``specs`` says; other tensors unchanged."""
+        self.specs([(k, tuple(t.shape), t.dtype) for k, t in state.items()])  # checks, before any work
+        out: dict[str, torch.Tensor] = {}
+        for name, t in state.items():
+            if not is_linear_weight(name, t.shape, t.dtype):
+                out[name] = t
+                continue
+            for (part, _, _), value in zip(self.parts(name, tuple(t.shape)), self.encode(t)):
+                out[part] = value
+        return out
+
+    def decompress(self, state: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The inverse of ``compress``: each weight rebuilt in ``dtype`` on the device its parts are on (a streamer
+        calls it after the copy to the GPU, so only the compressed bytes cross the bus); other tensors pass."""
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype {dtype!r} must be a floating-point torch.dtype")
+        out: dict[str, torch.Tensor] = {}
+        for name, t in state.items():
+            weight, _, last = name.rpartition(".")
+            part = "." + last
+            if not weight.endswith(".weight"):
+                out[name] = t
+                continue
+            other = next((c.name for c in CODECS.values() if part in c.suffixes and part not in self.suffixes), None)
+            if other is not None:
+                raise ValueError(f"{name!r} is stored as {other}, not {self.name}")
+            if part not in self.suffixes:
+                out[name] = t
+                continue
+            missing = [weight + s for s in self.suffixes if weight + s not in state]
+            if missing:
+                raise ValueError(f"{name!r} has no {missing[0]!r} beside it: not a {self.name} split")
+            if weight not in out:
+                out[weight] = self.decode([state[weight + s] for s in self.suffixes], dtype)
+        return out
+
+    def __repr__(self) -> str:
+        return f"codec({self.name!r})"
+
+
+class Int8Rows(Codec):
+    """int8 codes and one float32 absmax per row (``quantize_int8``, LLM.int8's weights). Built in chapter 08."""
+
+    name, suffixes = "int8", (".q", ".absmax")
+
+    def parts(self, name, shape):
+        return [(f"{name}.q", shape, torch.int8), (f"{name}.absmax", (shape[0],), torch.float32)]
+
+    def encode(self, w):
+        q = quantize_int8(w)
+        return [q.q, q.absmax]
+
+    def decode(self, parts, dtype):
+        q, absmax = parts  # RowwiseInt8.dequantize's arithmetic, bit for bit, with one float32 temporary
+        return q.float().mul_(absmax.view(-1, 1)).mul_(1 / 127).to(dtype)
+
+
+class NF4Blocks(Codec):
+    """NF4 codes, two to a byte, one float32 absmax per block of 64 (``quantize_4bit``, no double quantization).
+    Decoded by a table lookup of both codes of a byte at once, in chunks of bounded size. Built in chapter 08."""
+
+    name, suffixes = "nf4", (".packed", ".absmax")
+    chunk = 2**22  # bytes of codes decoded at a time: bounds the temporaries (float32 pairs, int32 indices)
+
+    def parts(self, name, shape):
         rows, cols = shape
-        if compression == "int8":
-            out += [(f"{name}.q", (rows, cols), torch.int8), (f"{name}.absmax", (rows,), torch.float32)]
-            continue
         if cols % 2 or (rows * cols) % BNB_4BIT_BLOCKSIZE:
             raise ValueError(f"tensor {name!r} of shape {tuple(shape)} cannot be stored as nf4: it needs an even "
                              f"in_features and a multiple of {BNB_4BIT_BLOCKSIZE} weights")
-        out += [(f"{name}.packed", (rows, cols // 2), torch.uint8),
+        return [(f"{name}.packed", (rows, cols // 2), torch.uint8),
                 (f"{name}.absmax", (rows * cols // BNB_4BIT_BLOCKSIZE,), torch.float32)]
-    return out
 
+    def encode(self, w):
+        q = quantize_4bit(w, "nf4", BNB_4BIT_BLOCKSIZE)
+        return [q.packed.view(w.shape[0], w.shape[1] // 2), q.absmax]  # each row packs into its own bytes
 
-def compress_state(state: Mapping[str, torch.Tensor], compression: Optional[str]) -> dict[str, torch.Tensor]:
-    """A block's tensors as a compressed split stores them: every linear weight (``is_linear_weight``)
-    replaced by its int8 rows (``quantize_int8``) or its NF4 blocks of 64 (``quantize_4bit``, no double
-    quantization), named as ``compressed_specs`` says; everything else unchanged. ``compression=None``
-    returns the tensors as they are. Built in chapter 08."""
-    compressed_specs([(k, tuple(t.shape), t.dtype) for k, t in state.items()], compression)  # checks, before any work
-    out: dict[str, torch.Tensor] = {}
-    for name, t in state.items():
-        if compression is None or not is_linear_weight(name, t.shape, t.dtype):
-            out[name] = t
-        elif compression == "int8":
-            q = quantize_int8(t)
-            out[f"{name}.q"], out[f"{name}.absmax"] = q.q, q.absmax
-        else:
-            q = quantize_4bit(t, "nf4", BNB_4BIT_BLOCKSIZE)
-            out[f"{name}.packed"] = q.packed.view(t.shape[0], t.shape[1] // 2)  # each row packs into its own bytes
-            out[f"{name}.absmax"] = q.absmax
-    return out
+    def decode(self, parts, dtype):
+        packed, absmax = parts
+        rows, half = packed.shape
+        out = torch.empty(rows, half * 2, dtype=dtype, device=packed.device)
+        flat, pairs = packed.reshape(-1), _nf4_pairs(packed.device)
+        per_block = BNB_4BIT_BLOCKSIZE // 2  # bytes of codes per absmax
+        step = max(per_block, self.chunk // per_block * per_block)
+        for start in range(0, flat.numel(), step):  # whole blocks at a time
+            codes = flat[start:start + step]
+            values = pairs.index_select(0, codes.int()).view(-1, BNB_4BIT_BLOCKSIZE)
+            values *= absmax[start // per_block:(start + codes.numel()) // per_block, None]
+            out.view(-1)[2 * start:2 * start + 2 * codes.numel()] = values.view(-1)
+        return out
 
 
 @lru_cache(maxsize=None)
@@ -355,34 +426,12 @@ def _nf4_pairs(device: torch.device) -> torch.Tensor:
     return torch.stack([levels[byte >> 4], levels[byte & 0xF]], dim=1).to(device)
 
 
-def decompress_state(state: Mapping[str, torch.Tensor], compression: Optional[str],
-                     dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The inverse of ``compress_state``: rebuild each ``X.weight`` in ``dtype`` on the device its codes are on
-    (a streamer calls it after copying a block to the GPU, so only the compressed bytes cross the bus); every
-    other tensor passes through unchanged. The result equals ``RowwiseInt8.dequantize`` / ``Blockwise4bit.dequantize``
-    of the weight, in float32 arithmetic and whole-tensor ops (no loop, no float64). Built in chapter 08."""
-    _check_compression(compression)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"dtype {dtype!r} must be a floating-point torch.dtype")
-    if compression is None:
-        return dict(state)
-    suffix, other = (".q", ".packed") if compression == "int8" else (".packed", ".q")
-    out: dict[str, torch.Tensor] = {}
-    for name, t in state.items():
-        weight = name.rsplit(".", 1)[0]  # X.weight, for X.weight.q / .packed / .absmax
-        if name.endswith(".weight" + other):
-            raise ValueError(f"{name!r} is stored as {'int8' if other == '.q' else 'nf4'}, not {compression}")
-        if name.endswith(".weight.absmax") and weight + suffix in state:
-            continue  # taken with its codes
-        if not name.endswith(".weight" + suffix):
-            out[name] = t
-            continue
-        absmax = state.get(weight + ".absmax")
-        if absmax is None:
-            raise ValueError(f"{name!r} has no {weight + '.absmax'!r} beside it: not a {compression} split")
-        if compression == "int8":
-            out[weight] = (t * absmax.view(-1, 1) * (1 / 127)).to(dtype)
-        else:
-            values = _nf4_pairs(t.device)[t.long()].view(-1, BNB_4BIT_BLOCKSIZE) * absmax.unsqueeze(1)
-            out[weight] = values.view(t.shape[0], t.shape[1] * 2).to(dtype)
-    return out
+CODECS: dict[str, Codec] = {c.name: c for c in (Int8Rows(), NF4Blocks())}
+
+
+def codec(name: str) -> Codec:
+    """The codec called ``name`` ("int8", "nf4"): what ``split_by_layer(..., codec=...)`` is handed, and what a
+    streamer finds from a split's index. ``ValueError`` naming the known ones otherwise. Built in chapter 08."""
+    if not isinstance(name, str) or name not in CODECS:
+        raise ValueError(f"compression {name!r}; expected one of None, {', '.join(map(repr, CODECS))}")
+    return CODECS[name]

@@ -1,15 +1,13 @@
 """Tensor files: the one place ``helpers`` reads and writes safetensors files, publishes finished work, and
-decides whether something it wrote earlier can be trusted again.
+decides whether something it wrote earlier can be trusted again. File I/O only: which tensors make up a
+model's blocks, and where they lie, is ``helpers.layout``'s business; reading blocks fast is ``helpers.reader``'s.
 
 The ground floor under every chapter. Chapter 03 takes the format apart by hand; chapters 05 and 08 read it
-three ways (one ``readinto`` into a reusable buffer, a memory map, a map that touches only some rows), of a
-whole file or of one byte range (``read_range``, ``map_range``): chapter 08 streams a checkpoint in place,
-each block being the ranges of its tensors in the original shards (``block_layout``).
+as a whole file or as byte ranges (``read_range``, ``map_range``), copied into a reusable buffer or mapped.
 
 The format: an 8-byte little-endian length, that many bytes of JSON
 (``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}``), then the raw bytes,
-offsets counted from the end of the JSON. A sharded checkpoint adds ``model.safetensors.index.json``, whose
-``weight_map`` says which file holds each name; a per-layer split (chapter 03) adds ``layers.index.json``.
+offsets counted from the end of the JSON.
 
 One durability policy for everything written here: write under a temporary name in the destination's
 folder, ``fsync`` it, rename it into place, ``fsync`` the folder. A reader therefore sees a finished file or
@@ -26,7 +24,6 @@ import hashlib
 import json
 import mmap
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -43,9 +40,6 @@ __all__ = [
     "write_safetensors", "save_safetensors",
     "staging_dir", "MANIFEST", "KEY_FIELD", "file_key", "cache_key", "write_manifest", "why_stale",
     "manifest_info", "written_by_helpers",
-    "INDEX", "SINGLE", "weight_map", "pack_shards", "shard_name", "save_sharded",
-    "LAYERS_INDEX", "LAYERS_FORMAT", "COMPRESSIONS", "LayerIndex", "read_layer_index",
-    "block_of", "block_order", "Piece", "pieces_of", "BlockLayout", "layout_kind", "block_layout",
 ]
 
 PathLike = Union[str, Path]
@@ -54,9 +48,6 @@ ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "
              "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 _ST_NAMES = {dtype: name for name, dtype in ST_DTYPES.items()}
 MAX_HEADER = 100_000_000  # the same limit safetensors itself enforces
-INDEX, SINGLE = "model.safetensors.index.json", "model.safetensors"
-LAYERS_INDEX, LAYERS_FORMAT = "layers.index.json", "helpers-layers/1"
-COMPRESSIONS = (None, "int8", "nf4")  # how a split may store its linear weights (helpers.quant.compress_state)
 MANIFEST = "helpers-manifest.json"  # in a folder helpers wrote: its key and every file's size, written last
 KEY_FIELD = "helpers_key"  # in a safetensors file helpers wrote: its key, in the header's __metadata__
 
@@ -469,296 +460,3 @@ def why_stale(path: PathLike, key: str) -> list[str]:
             except CheckpointError:
                 problems.append(f"{name} has a corrupt safetensors header")
     return problems
-
-
-# --------------------------------------------------------------------------- checkpoints: sharded and per layer
-
-def weight_map(path: PathLike) -> tuple[Path, dict[str, str]]:
-    """``(folder, {tensor name: file name})`` for a checkpoint folder, its index file, or a single file.
-
-    Understands ``model.safetensors.index.json``, a lone ``model.safetensors``, and a per-layer split.
-    """
-    path = Path(path)
-    if path.is_file() and path.suffix == ".safetensors":
-        return path.parent, {k: path.name for k in read_header(path).tensors}
-    if path.is_file() and path.name == LAYERS_INDEX:
-        return weight_map(path.parent)
-    root = path.parent if path.is_file() else path
-    index = path if path.is_file() else root / INDEX
-    if path.is_dir() and not index.is_file() and (root / LAYERS_INDEX).is_file():
-        files = read_layer_index(root).files.values()
-        return root, {k: f for f in files for k in read_header(root / f).tensors}
-    if index.is_file():
-        try:
-            return root, dict(json.loads(index.read_text())["weight_map"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(index, [f"{index.name}: not a valid index with a weight_map ({e!r})"]) from None
-    if (root / SINGLE).is_file():
-        return weight_map(root / SINGLE)
-    raise FileNotFoundError(f"{path} is not a safetensors checkpoint: expected a .safetensors file or a "
-                            f"folder with {INDEX}, {SINGLE} or {LAYERS_INDEX}")
-
-
-def pack_shards(specs: Sequence[tuple[str, Sequence[int], torch.dtype]],
-                shard_bytes: int) -> list[list[tuple[str, Sequence[int], torch.dtype]]]:
-    """Greedy packing in the given order: a new shard starts when the next tensor would pass ``shard_bytes``.
-
-    helpers' own policy, so the files it writes do not move when transformers changes how ``save_pretrained``
-    shards. A tensor bigger than ``shard_bytes`` gets a shard of its own.
-    """
-    if shard_bytes <= 0:
-        raise ValueError(f"shard_bytes {shard_bytes!r} must be more than 0")
-    shards: list[list] = [[]]
-    used = 0
-    for name, shape, dtype in specs:
-        size = int(torch.Size(shape).numel()) * dtype.itemsize
-        if shards[-1] and used + size > shard_bytes:
-            shards.append([])
-            used = 0
-        shards[-1].append((name, shape, dtype))
-        used += size
-    return shards
-
-
-def shard_name(i: int, n: int) -> str:
-    """The file name transformers gives shard ``i`` of ``n`` (counting from 1)."""
-    return f"model-{i:05d}-of-{n:05d}.safetensors"
-
-
-def save_sharded(directory: PathLike, specs: Sequence[tuple[str, Sequence[int], torch.dtype]],
-                 make: Callable[[str], torch.Tensor], shard_bytes: int, *, bar=None) -> dict[str, str]:
-    """Write tensors as shards of at most ``shard_bytes`` plus ``model.safetensors.index.json``; returns the weight map.
-
-    ``make(name)`` gives each tensor as it is written (see ``write_safetensors``), so peak memory is one tensor.
-    """
-    directory = Path(directory)
-    shards = pack_shards(specs, shard_bytes)
-    weights: dict[str, str] = {}
-    for i, shard in enumerate(shards, start=1):
-        write_safetensors(directory / shard_name(i, len(shards)), shard, make, metadata={"format": "pt"}, bar=bar)
-        weights.update({name: shard_name(i, len(shards)) for name, _, _ in shard})
-    total = sum(int(torch.Size(shape).numel()) * dtype.itemsize for _, shape, dtype in specs)
-    params = sum(int(torch.Size(shape).numel()) for _, shape, _ in specs)
-    write_json(directory / INDEX, {"metadata": {"total_parameters": params, "total_size": total},
-                                   "weight_map": weights})
-    return weights
-
-
-@dataclass(frozen=True)
-class LayerIndex:
-    """``layers.index.json``: a checkpoint split into one file per block (chapter 03), in execution order."""
-
-    blocks: list[str]  # execution order; a tied lm_head is a block without a file of its own
-    files: dict[str, str]  # block -> file name
-    tied: dict[str, str]  # tensor -> the tensor it is stored as (lm_head.weight -> model.embed_tokens.weight)
-    bytes: dict[str, int]  # block -> data bytes of its file
-    compression: Optional[str] = None  # None, "int8" or "nf4": how linear weights are stored (helpers.quant)
-
-    def tied_source(self, block: str) -> Optional[tuple[str, str, str]]:
-        """For a block stored as another block's tensor: ``(source block, source tensor, tensor)``, else None."""
-        for target, source in self.tied.items():
-            if target.startswith(block + ".") and block not in self.files:
-                owner = next(b for b in self.files if source.startswith(b + "."))
-                return owner, source, target
-        return None
-
-    def write(self, directory: PathLike) -> None:
-        write_json(Path(directory) / LAYERS_INDEX, {
-            "format": LAYERS_FORMAT, "blocks": self.blocks, "files": self.files, "tied": self.tied,
-            "bytes": self.bytes, "total_size": sum(self.bytes.values()), "compression": self.compression})
-
-
-def read_layer_index(directory: PathLike) -> LayerIndex:
-    """Read and check the ``layers.index.json`` of a per-layer split.
-
-    ``compression`` may be absent (a split written before it existed: None), null, "int8" or "nf4".
-    """
-    path = Path(directory) / LAYERS_INDEX
-    if not path.is_file():
-        raise FileNotFoundError(f"{Path(directory)} has no {LAYERS_INDEX}: it is not a complete per-layer split "
-                                "(make one with helpers.checkpoints.split_by_layer)")
-    try:
-        raw = json.loads(path.read_text())
-        if raw.get("format") != LAYERS_FORMAT:
-            raise ValueError(f"format {raw.get('format')!r}; expected {LAYERS_FORMAT!r}")
-        compression = raw.get("compression")
-        if compression not in COMPRESSIONS:
-            raise ValueError(f"compression {compression!r}; expected one of {', '.join(map(repr, COMPRESSIONS))}")
-        index = LayerIndex(list(raw["blocks"]), dict(raw["files"]), dict(raw.get("tied", {})),
-                           dict(raw["bytes"]), compression)
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(path, [f"{path.name}: not a layer index helpers can read ({e})"]) from None
-    orphans = [b for b in index.blocks if b not in index.files and index.tied_source(b) is None]
-    if orphans:
-        raise CheckpointError(path, [f"{path.name}: block(s) {orphans} have no file and no tied source"])
-    return index
-
-
-# --------------------------------------------------------------------------- blocks: where each block's bytes are
-
-def block_of(name: str) -> str:
-    """The top-level block a tensor belongs to: ``model.layers.3`` for layer 3, else its parent module."""
-    match = re.match(r"^(.*\.layers\.\d+)\.", name)
-    return match.group(1) if match else name.rsplit(".", 1)[0]
-
-
-def block_order(block: str) -> tuple:
-    """Sort key of execution order: the embedding, anything else, the layers by number, the final norm, lm_head."""
-    match = re.match(r"^.*\.layers\.(\d+)$", block)
-    if block.endswith("embed_tokens"):
-        return (0, 0)
-    if match:
-        return (2, int(match.group(1)))
-    return (4, 0) if block == "lm_head" else (3, 0) if block.endswith(".norm") else (1, 0)
-
-
-@dataclass(frozen=True)
-class Piece:
-    """A contiguous byte range of one file holding some of a block's tensors: what one read (or map) fetches."""
-
-    path: Path
-    start: int  # from the file's first byte
-    length: int
-    tensors: dict = field(repr=False)  # name in the block -> (torch dtype, shape, offset in the piece)
-
-    def views(self, data: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The piece's tensors as views of ``data`` (its ``length`` bytes, uint8): nothing is copied."""
-        out = {}
-        for name, (dtype, shape, offset) in self.tensors.items():
-            raw = data[offset:offset + int(torch.Size(shape).numel()) * dtype.itemsize]
-            if raw.storage_offset() % dtype.itemsize:  # unaligned (never in files safetensors writes): copy
-                raw = raw.clone()
-            out[name] = raw.view(dtype).reshape(shape)
-        return out
-
-
-def pieces_of(header: Header, names: Mapping[str, str]) -> list[Piece]:
-    """The tensors ``names`` ({name in the file: name in the block}) of one file, as the fewest contiguous ranges.
-
-    In files safetensors writes, one layer's tensors of one dtype are contiguous: a block is one range per
-    file (two when its norms are stored in another dtype). Offsets are checked against the file here, so a
-    corrupt header is a ``CheckpointError`` before anything is read.
-    """
-    entries, problems = [], []
-    for name in names:
-        info = header.tensors.get(name)
-        try:
-            begin, end = (int(x) for x in info["data_offsets"])
-            dtype, shape = ST_DTYPES[info["dtype"]], [int(x) for x in info["shape"]]
-        except (KeyError, TypeError, ValueError):
-            problems.append(f"{header.path.name}: no readable entry for tensor {name!r}")
-            continue
-        if not 0 <= begin <= end <= header.data_bytes or end - begin != torch.Size(shape).numel() * dtype.itemsize:
-            problems.append(f"{header.path.name}: tensor {name!r} has data_offsets [{begin}, {end}], which do not "
-                            f"fit its {info['dtype']} {shape} inside the file's {header.data_bytes:,} data bytes")
-            continue
-        entries.append((begin, end, name, dtype, shape))
-    if problems:
-        raise CheckpointError(header.path, problems)
-    pieces, run = [], None  # run: [start, end, {name in block: (dtype, shape, begin)}], offsets in the data region
-    for begin, end, name, dtype, shape in sorted(entries, key=lambda e: (e[0], e[1])):
-        if run is None or begin > run[1]:
-            if run is not None:
-                pieces.append(run)
-            run = [begin, end, {}]
-        run[1] = max(run[1], end)
-        run[2][names[name]] = (dtype, shape, begin)
-    if run is not None:
-        pieces.append(run)
-    return [Piece(header.path, header.data_start + start, end - start,
-                  {k: (dtype, shape, begin - start) for k, (dtype, shape, begin) in tensors.items()})
-            for start, end, tensors in pieces]
-
-
-@dataclass(frozen=True)
-class BlockLayout:
-    """Where each block of a model is on disk: a per-layer split, or an ordinary checkpoint read in place.
-
-    ``kind``: "split" or "checkpoint". ``blocks``: execution order (embedding, layers, norm, lm_head).
-    ``pieces[block]``: the byte ranges to read for it, each with its tensors' names inside the block
-    (``self_attn.q_proj.weight``); a tied ``lm_head`` reads the embedding's table as ``weight``.
-    ``compression``: how a split stores its linear weights (None for a checkpoint).
-    """
-
-    root: Path
-    kind: str
-    blocks: list[str]
-    pieces: dict[str, list[Piece]] = field(repr=False)
-    compression: Optional[str] = None
-
-    def bytes(self, block: str) -> int:
-        """Bytes one read of ``block`` fetches: its ranges' lengths."""
-        return sum(p.length for p in self.pieces[block])
-
-
-def _block_pieces(headers: Mapping[str, Header], files: Mapping[str, Mapping[str, str]]) -> list[Piece]:
-    return [p for file, names in files.items() for p in pieces_of(headers[file], names)]
-
-
-def layout_kind(path: PathLike) -> str:
-    """"split" for a folder with ``layers.index.json``, "checkpoint" for one with ``model.safetensors.index.json``
-    or ``model.safetensors``; ``FileNotFoundError`` naming the folder and both layouts otherwise. Reads nothing."""
-    path = Path(path)
-    if path.is_dir() and (path / LAYERS_INDEX).is_file():
-        return "split"
-    if path.is_dir() and ((path / INDEX).is_file() or (path / SINGLE).is_file()):
-        return "checkpoint"
-    raise FileNotFoundError(f"{path} is neither a per-layer split (a folder with {LAYERS_INDEX}, made by "
-                            f"helpers.checkpoints.split_by_layer) nor a safetensors checkpoint (a folder with "
-                            f"{INDEX} and its shards, or with {SINGLE})")
-
-
-def block_layout(path: PathLike) -> BlockLayout:
-    """Read the headers of a per-layer split or a checkpoint once and say where each block's bytes are.
-
-    ``path``: a folder with ``layers.index.json`` (a split, chapter 03), or a checkpoint folder with
-    ``model.safetensors.index.json`` and its shards or a lone ``model.safetensors`` (read in place: nothing
-    is written, no second copy). Block names and order are those ``helpers.checkpoints.split_by_layer``
-    gives the same checkpoint. A missing file or a header that does not fit its file is a ``CheckpointError``
-    before any tensor is read. Built in chapter 08.
-    """
-    path = Path(path)
-    if layout_kind(path) == "split":
-        index = read_layer_index(path)
-        missing = sorted({f for f in index.files.values() if not (path / f).is_file()})
-        if missing:
-            raise CheckpointError(path / LAYERS_INDEX, [f"{m}: block file is missing" for m in missing])
-        headers = {f: read_header(path / f) for f in dict.fromkeys(index.files.values())}
-        pieces = {}
-        for block in index.blocks:
-            if block in index.files:
-                file = index.files[block]
-                names = {k: k[len(block) + 1:] for k in headers[file].tensors}
-            else:
-                owner, source, target = index.tied_source(block)
-                file, names = index.files[owner], {source: target[len(block) + 1:]}
-            pieces[block] = _block_pieces(headers, {file: names})
-        return BlockLayout(path, "split", list(index.blocks), pieces, index.compression)
-    root, names = weight_map(path)
-    missing = sorted(set(names.values()) - {p.name for p in root.iterdir() if p.is_file()})
-    if missing:
-        raise CheckpointError(root, [f"{m}: shard file is missing; the index maps "
-                                     f"{sum(v == m for v in names.values())} tensor(s) to it" for m in missing])
-    headers = {f: read_header(root / f) for f in dict.fromkeys(names.values())}
-    absent = [f"{f}: tensor {k!r} is in the index but not in the file" for k, f in names.items()
-              if k not in headers[f].tensors]
-    if absent:
-        raise CheckpointError(root, absent)
-    try:
-        config = json.loads((root / "config.json").read_text())
-    except (OSError, ValueError):
-        config = {}
-    tied = "lm_head.weight" not in names or bool(config.get("tie_word_embeddings", False))  # as split_by_layer
-    files: dict[str, dict[str, dict[str, str]]] = {}  # block -> file -> {name in file: name in block}
-    for name, file in names.items():
-        if not (tied and name == "lm_head.weight"):
-            block = block_of(name)
-            files.setdefault(block, {}).setdefault(file, {})[name] = name[len(block) + 1:]
-    order = sorted(files, key=block_order)
-    if tied:
-        table = "model.embed_tokens.weight"
-        if table not in names:
-            raise CheckpointError(root, [f"lm_head is tied to the embedding, but there is no {table!r}"])
-        files["lm_head"] = {names[table]: {table: "weight"}}
-        order.append("lm_head")
-    return BlockLayout(root, "checkpoint", order, {b: _block_pieces(headers, files[b]) for b in order})

@@ -14,9 +14,10 @@ from safetensors.torch import load_file, save_file
 
 from helpers import checkpoints as ck
 from helpers import quant as Q
-from helpers import tensorfiles
+from helpers import layout, tensorfiles
 from helpers.checkpoints import CheckpointError
-from helpers.tensorfiles import INDEX, ST_DTYPES, read_header, read_layer_index
+from helpers.layout import INDEX, read_layer_index
+from helpers.tensorfiles import ST_DTYPES, read_header
 from helpers.memory import measure
 from helpers.models import synthetic_llama
 
@@ -321,9 +322,9 @@ def test_split_single_file_checkpoint(tiny, tmp_path):
 
 def test_split_is_idempotent_and_refuses_other_dirs(tiny, tiny_untied, tmp_path):
     out = ck.split_by_layer(tiny, tmp_path / "layers", progress=False)
-    stamp = (out / tensorfiles.LAYERS_INDEX).stat().st_mtime_ns
+    stamp = (out / layout.LAYERS_INDEX).stat().st_mtime_ns
     assert ck.split_by_layer(tiny, out, progress=False) == out
-    assert (out / tensorfiles.LAYERS_INDEX).stat().st_mtime_ns == stamp
+    assert (out / layout.LAYERS_INDEX).stat().st_mtime_ns == stamp
     with pytest.raises(FileExistsError, match="layers"):  # same out_dir, another source
         ck.split_by_layer(tiny_untied, out, progress=False)
     other = tmp_path / "other"
@@ -334,7 +335,7 @@ def test_split_is_idempotent_and_refuses_other_dirs(tiny, tiny_untied, tmp_path)
     assert [p.name for p in other.iterdir()] == ["mine.txt"]
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert (ck.split_by_layer(tiny, empty, progress=False) / tensorfiles.LAYERS_INDEX).is_file()
+    assert (ck.split_by_layer(tiny, empty, progress=False) / layout.LAYERS_INDEX).is_file()
 
 
 def test_split_is_atomic(tiny, tmp_path, monkeypatch):
@@ -406,7 +407,12 @@ def bf16_untied(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def splits(bf16_untied, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("splits")
-    return {c: ck.split_by_layer(bf16_untied, root / str(c), compression=c, progress=False) for c in (None, "int8", "nf4")}
+    return {c: ck.split_by_layer(bf16_untied, root / str(c), codec=codec(c), progress=False) for c in (None, "int8", "nf4")}
+
+
+def codec(name):
+    """The codec a split is handed for the compression ``name`` (None: stored as is)."""
+    return None if name is None else Q.codec(name)
 
 
 def stored_tensors(out: Path) -> dict:
@@ -425,15 +431,15 @@ def test_compressed_split_stores_the_codec(bf16_untied, splits, compression):
     out, original = splits[compression], state_dict(bf16_untied)
     index = read_layer_index(out)
     assert index.compression == compression
-    assert json.loads((out / tensorfiles.LAYERS_INDEX).read_text())["compression"] == compression
+    assert json.loads((out / layout.LAYERS_INDEX).read_text())["compression"] == compression
     assert index.blocks == read_layer_index(splits[None]).blocks and index.files["lm_head"] == "lm_head.safetensors"
     for block, file in index.files.items():  # the index's bytes are the bytes stored
         assert index.bytes[block] == sum(t.nbytes for t in load_file(out / file).values())
     stored = stored_tensors(out)
-    assert stored.keys() == Q.compress_state(original, compression).keys()
+    assert stored.keys() == Q.codec(compression).compress(original).keys()
     assert "lm_head.weight.absmax" in stored and torch.equal(stored["model.embed_tokens.weight"],
                                                              original["model.embed_tokens.weight"])
-    back = Q.decompress_state(stored, compression, torch.bfloat16)
+    back = Q.codec(compression).decompress(stored, torch.bfloat16)
     assert back.keys() == original.keys()
     for name, w in original.items():
         want = (Q.quantize_int8(w) if compression == "int8" else Q.quantize_4bit(w, "nf4")).dequantize() \
@@ -467,7 +473,7 @@ def test_compressed_split_bytes(bf16_untied, splits, compression):
 
 
 def test_compressed_split_keeps_a_tied_lm_head(tiny, tmp_path):
-    out = ck.split_by_layer(tiny, tmp_path / "layers", compression="nf4", progress=False)
+    out = ck.split_by_layer(tiny, tmp_path / "layers", codec=Q.codec("nf4"), progress=False)
     index = read_layer_index(out)
     assert index.tied == {"lm_head.weight": "model.embed_tokens.weight"} and "lm_head" not in index.files
     embed = load_file(out / index.files["model.embed_tokens"])
@@ -476,28 +482,28 @@ def test_compressed_split_keeps_a_tied_lm_head(tiny, tmp_path):
 
 
 def test_compressed_split_cache_names_the_compression(tiny, tmp_path):
-    out = ck.split_by_layer(tiny, tmp_path / "layers", compression="int8", progress=False)
-    stamp = (out / tensorfiles.LAYERS_INDEX).stat().st_mtime_ns
-    assert ck.split_by_layer(tiny, out, compression="int8", progress=False) == out
-    assert (out / tensorfiles.LAYERS_INDEX).stat().st_mtime_ns == stamp
+    out = ck.split_by_layer(tiny, tmp_path / "layers", codec=Q.codec("int8"), progress=False)
+    stamp = (out / layout.LAYERS_INDEX).stat().st_mtime_ns
+    assert ck.split_by_layer(tiny, out, codec=Q.codec("int8"), progress=False) == out
+    assert (out / layout.LAYERS_INDEX).stat().st_mtime_ns == stamp
     for other in ("nf4", None):
         with pytest.raises(FileExistsError, match=f"compression='int8', not compression={other!r}"):
-            ck.split_by_layer(tiny, out, compression=other, progress=False)
+            ck.split_by_layer(tiny, out, codec=codec(other), progress=False)
     plain = ck.split_by_layer(tiny, tmp_path / "plain", progress=False)
     with pytest.raises(FileExistsError, match="compression=None, not compression='nf4'"):
-        ck.split_by_layer(tiny, plain, compression="nf4", progress=False)
-    assert (out / tensorfiles.LAYERS_INDEX).stat().st_mtime_ns == stamp
+        ck.split_by_layer(tiny, plain, codec=Q.codec("nf4"), progress=False)
+    assert (out / layout.LAYERS_INDEX).stat().st_mtime_ns == stamp
 
 
 def test_compressed_split_refuses_bad_input_before_writing(tiny, tmp_path):
     for bad in ("int4", "NF4", "fp16"):
         with pytest.raises(ValueError, match=repr(bad)):
-            ck.split_by_layer(tiny, tmp_path / "bad", compression=bad, progress=False)
+            ck.split_by_layer(tiny, tmp_path / "bad", codec=bad, progress=False)
     # head_dim 10: k_proj is (20, 40), 800 weights, not whole blocks of 64
     odd = synthetic_llama(tmp_path / "odd", {**TINY, "hidden_size": 40, "intermediate_size": 64},
                           max_shard_size=20_000, progress=False)
     with pytest.raises(ValueError, match=r"'model.layers.0.self_attn.k_proj.weight' of shape \(20, 40\)"):
-        ck.split_by_layer(odd, tmp_path / "bad", compression="nf4", progress=False)
+        ck.split_by_layer(odd, tmp_path / "bad", codec=Q.codec("nf4"), progress=False)
     assert not (tmp_path / "bad").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["odd"]  # no temp dir either
-    ck.split_by_layer(odd, tmp_path / "int8", compression="int8", progress=False)  # int8 has no blocks
+    ck.split_by_layer(odd, tmp_path / "int8", codec=Q.codec("int8"), progress=False)  # int8 has no blocks

@@ -9,7 +9,8 @@ from safetensors import safe_open
 from transformers import LlamaConfig
 
 import helpers.models as models
-from helpers.tensorfiles import MANIFEST, pack_shards, shard_name
+from helpers.layout import pack_shards, shard_name
+from helpers.tensorfiles import MANIFEST
 from helpers.memory import format_size
 
 TINY = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,

@@ -264,7 +264,7 @@ def test_compress_state_follows_the_contract(tiny_llama_config, compression):
     state = _tiny_llama_state(tiny_llama_config())
     linear = {k for k in state if k == "lm_head.weight" or k.split(".")[-2] in LINEAR}
     assert len(linear) == 3 * 7 + 1  # every projection of 3 layers and the untied lm_head
-    stored = Q.compress_state(state, compression)
+    stored = Q.codec(compression).compress(state)
     for name, w in state.items():
         if name not in linear:  # embeddings and norms: the very same tensor
             assert stored[name] is w, name
@@ -278,16 +278,15 @@ def test_compress_state_follows_the_contract(tiny_llama_config, compression):
         absmax = stored[name + ".absmax"]
         assert absmax.dtype == torch.float32 and absmax.shape == ((rows,) if compression == "int8" else (rows * cols // 64,))
     assert len(stored) == len(state) + len(linear)
-    specs = Q.compressed_specs([(k, tuple(t.shape), t.dtype) for k, t in state.items()], compression)
+    specs = Q.codec(compression).specs([(k, tuple(t.shape), t.dtype) for k, t in state.items()])
     assert specs == [(k, tuple(t.shape), t.dtype) for k, t in stored.items()]
-    assert Q.compress_state(state, None) == state
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("compression", ["int8", "nf4"])
 def test_decompress_state_is_the_dequantized_weight(tiny_llama_config, compression, dtype):
     state = _tiny_llama_state(tiny_llama_config(), dtype)
-    back = Q.decompress_state(Q.compress_state(state, compression), compression, dtype)
+    back = Q.codec(compression).decompress(Q.codec(compression).compress(state), dtype)
     assert list(back) == list(state)  # names and order
     for name, w in state.items():
         assert back[name].dtype == dtype and back[name].shape == w.shape
@@ -296,39 +295,36 @@ def test_decompress_state_is_the_dequantized_weight(tiny_llama_config, compressi
             assert not torch.equal(back[name], w), name  # it really went through 8 or 4 bits
         else:
             assert back[name] is w, name
-    assert Q.decompress_state(state, None, dtype) == state
 
 
 def test_compressed_state_errors_name_the_problem(tiny_llama_config):
     state = _tiny_llama_state(tiny_llama_config())
-    for bad in ("int4", "NF4", ""):
-        with pytest.raises(ValueError, match=repr(bad)):
-            Q.compress_state(state, bad)
-        with pytest.raises(ValueError, match=repr(bad)):
-            Q.decompress_state(state, bad, torch.float32)
+    for bad in ("int4", "NF4", "", None):
+        with pytest.raises(ValueError, match=rf"compression {bad!r}; expected one of None, 'int8', 'nf4'"):
+            Q.codec(bad)
     odd = {"model.layers.0.mlp.up_proj.weight": _weight((64, 3))}  # 192 weights, but in_features is odd
     with pytest.raises(ValueError, match=r"'model.layers.0.mlp.up_proj.weight' of shape \(64, 3\)"):
-        Q.compress_state(odd, "nf4")
+        Q.codec("nf4").compress(odd)
     partial = {"lm_head.weight": _weight((10, 6))}  # 60 weights: not whole blocks of 64
     with pytest.raises(ValueError, match=r"'lm_head.weight' of shape \(10, 6\)"):
-        Q.compress_state(partial, "nf4")
-    assert Q.compress_state(odd, "int8")["model.layers.0.mlp.up_proj.weight.q"].shape == (64, 3)  # int8 has no blocks
+        Q.codec("nf4").compress(partial)
+    assert Q.codec("int8").compress(odd)["model.layers.0.mlp.up_proj.weight.q"].shape == (64, 3)  # int8 has no blocks
     orphan = {"lm_head.weight.q": torch.zeros(4, 4, dtype=torch.int8)}
     with pytest.raises(ValueError, match="lm_head.weight.absmax"):
-        Q.decompress_state(orphan, "int8", torch.float32)
+        Q.codec("int8").decompress(orphan, torch.float32)
     with pytest.raises(ValueError, match="dtype"):
-        Q.decompress_state(Q.compress_state(state, "int8"), "int8", torch.int8)
+        Q.codec("int8").decompress(Q.codec("int8").compress(state), torch.int8)
     with pytest.raises(ValueError, match="stored as int8, not nf4"):
-        Q.decompress_state(Q.compress_state(state, "int8"), "nf4", torch.float32)
+        Q.codec("nf4").decompress(Q.codec("int8").compress(state), torch.float32)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("compression", ["int8", "nf4"])
 def test_decompress_state_on_cuda(tiny_llama_config, compression):
     """After the host-to-device copy the streamer decompresses on the GPU: same weights, there."""
-    stored = Q.compress_state(_tiny_llama_state(tiny_llama_config()), compression)
-    on_cpu = Q.decompress_state(stored, compression, torch.float16)
-    on_gpu = Q.decompress_state({k: t.cuda() for k, t in stored.items()}, compression, torch.float16)
+    stored = Q.codec(compression).compress(_tiny_llama_state(tiny_llama_config()))
+    on_cpu = Q.codec(compression).decompress(stored, torch.float16)
+    on_gpu = Q.codec(compression).decompress({k: t.cuda() for k, t in stored.items()}, torch.float16)
     assert list(on_gpu) == list(on_cpu)
     for name, t in on_gpu.items():
         assert t.device.type == "cuda" and t.dtype == torch.float16 and torch.equal(t.cpu(), on_cpu[name]), name
@@ -359,8 +355,7 @@ def test_compressed_book_model_quality(book_model, held_out_ids, compression):
     tied = reference.config.tie_word_embeddings
     state = {k: v for k, v in reference.state_dict().items() if not (tied and k == "lm_head.weight")}
     model, _ = load_book_model()
-    result = model.load_state_dict(Q.decompress_state(Q.compress_state(state, compression), compression,
-                                                      torch.float32), strict=False)
+    result = model.load_state_dict(Q.codec(compression).decompress(Q.codec(compression).compress(state), torch.float32), strict=False)
     assert result.unexpected_keys == [] and result.missing_keys == (["lm_head.weight"] if tied else [])
     ids = held_out_ids.unsqueeze(0)
     with torch.inference_mode():

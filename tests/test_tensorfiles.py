@@ -193,65 +193,6 @@ def test_cache_key_changes_with_a_source_file(tmp_path):
     assert tf.cache_key(source=tf.file_key(src), layout=1) != first
 
 
-# --------------------------------------------------------------------------- checkpoints
-
-def test_pack_shards_is_greedy_in_order():
-    specs = [(str(i), (n,), torch.uint8) for i, n in enumerate([40, 50, 20, 200, 10])]
-    shards = tf.pack_shards(specs, 100)
-    assert [[name for name, _, _ in shard] for shard in shards] == [["0", "1"], ["2"], ["3"], ["4"]]
-    with pytest.raises(ValueError, match="shard_bytes 0"):
-        tf.pack_shards(specs, 0)
-
-
-def test_save_sharded_then_weight_map_in_every_form(tmp_path):
-    tensors = {f"layer.{i}.w": torch.full((64,), float(i)) for i in range(5)}
-    names = tf.save_sharded(tmp_path, [(k, t.shape, t.dtype) for k, t in tensors.items()],
-                            tensors.__getitem__, 2 * 64 * 4)
-    assert sorted(set(names.values())) == [tf.shard_name(i, 3) for i in (1, 2, 3)]
-    index = json.loads((tmp_path / tf.INDEX).read_text())
-    assert index["metadata"] == {"total_parameters": 5 * 64, "total_size": 5 * 64 * 4}
-    assert tf.weight_map(tmp_path) == (tmp_path, names) == tf.weight_map(tmp_path / tf.INDEX)
-    one = tmp_path / "single"
-    one.mkdir()
-    save_file(tensors, one / tf.SINGLE)
-    assert tf.weight_map(one) == (one, {k: tf.SINGLE for k in tensors})
-    with pytest.raises(FileNotFoundError, match="not a safetensors checkpoint"):
-        tf.weight_map(tmp_path / "nothing-here")
-
-
-def test_read_layer_index_checks_what_it_reads(tmp_path):
-    index = tf.LayerIndex(blocks=["model.embed_tokens", "lm_head"], files={"model.embed_tokens": "e.safetensors"},
-                          tied={"lm_head.weight": "model.embed_tokens.weight"}, bytes={"model.embed_tokens": 8})
-    index.write(tmp_path)
-    back = tf.read_layer_index(tmp_path)
-    assert back == index
-    assert back.tied_source("lm_head") == ("model.embed_tokens", "model.embed_tokens.weight", "lm_head.weight")
-    assert back.tied_source("model.embed_tokens") is None
-    raw = json.loads((tmp_path / tf.LAYERS_INDEX).read_text())
-    (tmp_path / tf.LAYERS_INDEX).write_text(json.dumps({**raw, "format": "other/9"}))
-    with pytest.raises(CheckpointError, match="format 'other/9'"):
-        tf.read_layer_index(tmp_path)
-    (tmp_path / tf.LAYERS_INDEX).write_text(json.dumps({**raw, "tied": {}}))
-    with pytest.raises(CheckpointError, match="lm_head.*no file and no tied source"):
-        tf.read_layer_index(tmp_path)
-    with pytest.raises(FileNotFoundError, match="split_by_layer"):
-        tf.read_layer_index(tmp_path / "missing")
-
-
-def test_read_layer_index_reads_the_compression(tmp_path):
-    index = tf.LayerIndex(blocks=["model.norm"], files={"model.norm": "n.safetensors"}, tied={},
-                          bytes={"model.norm": 8}, compression="nf4")
-    index.write(tmp_path)
-    assert tf.read_layer_index(tmp_path) == index and tf.read_layer_index(tmp_path).compression == "nf4"
-    raw = json.loads((tmp_path / tf.LAYERS_INDEX).read_text())
-    del raw["compression"]  # a split written before compression existed
-    (tmp_path / tf.LAYERS_INDEX).write_text(json.dumps(raw))
-    assert tf.read_layer_index(tmp_path).compression is None
-    (tmp_path / tf.LAYERS_INDEX).write_text(json.dumps({**raw, "compression": "zip"}))
-    with pytest.raises(CheckpointError, match="compression 'zip'; expected one of None, 'int8', 'nf4'"):
-        tf.read_layer_index(tmp_path)
-
-
 # --------------------------------------------------------------------------- byte ranges: reading a block in place
 
 def test_map_range_and_read_range_read_exactly_those_bytes(tmp_path):
@@ -271,50 +212,6 @@ def test_map_range_and_read_range_read_exactly_those_bytes(tmp_path):
     for read in (tf.map_range, tf.read_range):
         with pytest.raises(CheckpointError, match=rf"blob.bin.*{blob.numel() - 9:,}.*{blob.numel():,} bytes"):
             read(path, blob.numel() - 9, 10)
-
-
-def test_pieces_are_the_fewest_contiguous_ranges_of_a_blocks_tensors(tmp_path):
-    path = tmp_path / "shard.safetensors"
-    tensors = {"a.x": torch.randn(3), "a.y": torch.randn(2, 2), "b.x": torch.randn(5), "a.z": torch.randn(4).half(),
-               "a.e": torch.zeros(0, 2)}
-    save_file(tensors, path)  # safetensors orders by dtype, then name: a.e, a.x, a.y, b.x (f32), a.z (f16)
-    header = tf.read_header(path)
-    pieces = tf.pieces_of(header, {"a.x": "x", "a.y": "y", "a.z": "z"})
-    assert [sorted(p.tensors) for p in pieces] == [["x", "y"], ["z"]]  # b.x sits between them
-    assert [p.length for p in pieces] == [(3 + 4) * 4, 4 * 2]
-    for piece in pieces:
-        for views in (piece.views(tf.map_range(path, piece.start, piece.length)),
-                      piece.views(tf.read_range(path, piece.start, piece.length)[0])):
-            assert all(torch.equal(views[k], tensors[f"a.{k}"]) for k in piece.tensors)
-    (one,) = tf.pieces_of(header, {k: k for k in tensors})  # the whole file: one range, its data region
-    assert (one.start, one.length) == (header.data_start, header.data_bytes)
-    with pytest.raises(CheckpointError, match="no readable entry for tensor 'a.nope'"):
-        tf.pieces_of(header, {"a.nope": "nope"})
-    broken = tf.Header(path, header.data_start, header.data_bytes - 1, header.tensors, {})  # as if truncated
-    with pytest.raises(CheckpointError, match=r"tensor 'a.z' has data_offsets .* do not fit"):
-        tf.pieces_of(broken, {"a.z": "z"})
-
-
-def test_block_layout_of_a_checkpoint_is_its_splits(tmp_path, tiny_llama_config):
-    from helpers.checkpoints import split_by_layer
-    from helpers.models import synthetic_llama
-
-    checkpoint = synthetic_llama(tmp_path / "ckpt", tiny_llama_config(tie_word_embeddings=True), dtype=torch.float32,
-                                 max_shard_size=40_000, progress=False)
-    split = split_by_layer(checkpoint, tmp_path / "layers", progress=False)
-    ours, theirs = tf.block_layout(checkpoint), tf.block_layout(split)
-    assert (ours.kind, theirs.kind) == ("checkpoint", "split") and ours.compression is theirs.compression is None
-    assert ours.blocks == theirs.blocks == tf.read_layer_index(split).blocks
-    assert max(len(ours.pieces[b]) for b in ours.blocks) > 1 and all(len(theirs.pieces[b]) == 1 for b in theirs.blocks)
-    for block in ours.blocks:
-        assert ours.bytes(block) == theirs.bytes(block)  # every range holds only the block's tensors
-        names = lambda layout: {k: v[:2] for p in layout.pieces[block] for k, v in p.tensors.items()}  # noqa: E731
-        assert names(ours) == names(theirs)  # the same names in the block, dtypes and shapes
-    assert list(ours.pieces["lm_head"][0].tensors) == ["weight"]  # tied: the embedding's table, as lm_head's weight
-    assert ours.pieces["lm_head"] == ours.pieces["model.embed_tokens"]
-    assert tf.layout_kind(checkpoint) == "checkpoint" and tf.layout_kind(split) == "split"
-    with pytest.raises(FileNotFoundError, match=rf"{tmp_path} is neither a per-layer split .* nor a safetensors"):
-        tf.block_layout(tmp_path)
 
 
 @pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="posix_fadvise (Linux)")

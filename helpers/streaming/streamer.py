@@ -1,0 +1,327 @@
+"""``LayerStreamer``: a Llama-family model run from disk one block at a time, the whole batch per block.
+
+Built in chapter 08. It puts three pieces together: where the blocks are (``helpers.layout``), how transformers
+runs them (``Llama``, the adapter) and the engine's loop (``stream_pass`` over a ``BlockSource``, with
+``Resident`` blocks and ``Timeline``/``Progress`` observers). ``forward``, ``generate``, ``score`` and
+``score_many`` are policies: each is a step run on every block, with its own small state.
+
+Every public result is on the CPU: ``forward``'s logits and ``score``'s scores in float32, ``generate``'s ids
+in int64, whatever the compute device, so that they compare directly with any reference.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+from helpers.layout import block_layout, layout_kind
+from helpers.memory import parse_size
+from helpers.meta import parse_dtype
+from helpers.tensorfiles import CheckpointError
+
+from .engine import BlockSource, Progress, Resident, Timeline, stream_pass
+from .llama import Block, ForwardState, Llama, Role, ScoreState
+
+__all__ = ["LayerStreamer", "predicted_peak_bytes"]
+
+
+class LayerStreamer:
+    """Run a Llama-family causal LM from disk, one block at a time. Built in chapter 08.
+
+    ``checkpoint``: an ordinary checkpoint folder (``model.safetensors.index.json`` and its shards, or a lone
+    ``model.safetensors``, with ``config.json``), streamed in place from its shards (nothing is written), or a
+    per-layer split (``helpers.checkpoints.split_by_layer``, compressed or not: a compressed split names its
+    codec, found with ``helpers.quant.codec``). Its headers are read once, here; a folder that is neither, or
+    an index naming a missing shard, fails before any weight is read.
+    ``device``: where blocks compute (default CUDA when present, else CPU). ``dtype``: compute dtype, as
+    ``helpers.meta.parse_dtype`` reads it (default: the checkpoint's). ``read``: how blocks are read,
+    ``helpers.reader.READS`` ("direct" by default, falling back to "buffered" where the file system refuses
+    it). ``prefetch``: read block i + 1 while block i computes. ``drop_page_cache``: forget each block's
+    cached pages once it is done, so that every buffered or mapped pass reads the disk (Linux); kept as
+    ``cold``. ``attn_implementation``: transformers' attention ("sdpa", "eager", ...).
+    ``resident_bytes``: a budget (bytes, or a size such as "2GB") of blocks that stay on the device after
+    their first read and are never read again: those that save the most bytes read per byte of budget
+    (``resident_blocks`` names those held now, in execution order). The budget is for the weights only.
+    After each pass, ``timeline`` holds one record per block (``engine.Timeline``) and ``passes`` counts the
+    passes made so far. Only the Llama family runs (``helpers.streaming.check_architecture``).
+    Use it in a ``with`` block (or call ``close()``) to stop its reader threads and free its buffers.
+    """
+
+    def __init__(self, checkpoint: Union[str, Path], *, device: Union[str, torch.device, None] = None,
+                 dtype: Union[torch.dtype, str, None] = None, prefetch: bool = True, drop_page_cache: bool = False,
+                 progress: bool = True, attn_implementation: Optional[str] = None,
+                 resident_bytes: Union[int, str] = 0, read: str = "direct"):
+        from helpers.quant import codec as find_codec
+        from helpers.reader import READS
+
+        self.checkpoint = Path(checkpoint)
+        layout_kind(self.checkpoint)  # first: a folder that is neither layout fails clearly
+        if isinstance(resident_bytes, bool) or not isinstance(resident_bytes, (int, str)):
+            raise ValueError(f"resident_bytes must be a byte count (an int, or a size such as '2GB'); got "
+                             f"{resident_bytes!r}")
+        try:
+            resident_bytes = parse_size(resident_bytes)
+        except ValueError as e:
+            raise ValueError(f"resident_bytes must be >= 0: {e}") from None
+        if read not in READS:
+            raise ValueError(f"read {read!r} must be one of {', '.join(map(repr, READS))}")
+        if dtype is not None:
+            dtype = parse_dtype(dtype)
+            if not dtype.is_floating_point:
+                raise ValueError(f"dtype {dtype!r} must be a floating-point dtype such as torch.float32 or 'bf16'")
+        self.device = torch.device(device if device is not None else
+                                   ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asks for CUDA, but torch.cuda.is_available() is False")
+        self.llama = Llama(self.checkpoint, device=self.device, dtype=dtype,  # the config is checked first
+                           attn_implementation=attn_implementation)
+        layout = block_layout(self.checkpoint)  # every header, once; a missing file fails here
+        self.llama.find_blocks(layout.blocks)
+        codec = None
+        if layout.compression is not None:
+            try:
+                codec = find_codec(layout.compression)
+            except ValueError as e:
+                raise CheckpointError(self.checkpoint / "layers.index.json", [str(e)]) from None
+        self.source = BlockSource(self.checkpoint, device=self.device, dtype=self.dtype, codec=codec,
+                                  prefetch=prefetch, cold=drop_page_cache, read=read, layout=layout)
+        self.resident_bytes = resident_bytes
+        self.resident = Resident(self.source, self._choose_resident(resident_bytes))
+        self.progress, self.timeline, self.passes = progress, [], 0
+
+    def _choose_resident(self, budget: int) -> set[int]:
+        """The blocks that save the most bytes read per byte held, while they fit ``budget``: a block's read is
+        what a pass reads for it on this device (on the CPU an embedding reads only its looked-up rows)."""
+        held = [sum(p.numel() for p in b.module.parameters()) * self.dtype.itemsize for b in self.blocks]
+        lookup = self.device.type != "cuda"
+        read = [0 if lookup and b.role is Role.EMBED else self.source.layout.bytes(b.name) for b in self.blocks]
+        keep, left = set(), budget
+        for i in sorted(range(len(self.blocks)), key=lambda i: -read[i] / max(held[i], 1)):
+            if held[i] <= left:
+                keep.add(i)
+                left -= held[i]
+        return keep
+
+    # ------------------------------------------------------------------ what it is
+    config = property(lambda self: self.llama.config, doc="The model's transformers config.")
+    model = property(lambda self: self.llama.model, doc="The model's skeleton, on ``meta`` between blocks.")
+    blocks = property(lambda self: self.llama.blocks, doc="The blocks in execution order (``Block``).")
+    dtype = property(lambda self: self.llama.dtype, doc="The compute dtype.")
+    prefetch = property(lambda self: self.source.prefetch, doc="Whether block i + 1 is read while block i computes.")
+    cold = property(lambda self: self.source.cold, doc="Whether each block's cached pages are dropped after it.")
+    read = property(lambda self: self.source.reader.method, doc="How blocks are read now (``helpers.reader``).")
+
+    @property
+    def compression(self) -> Optional[str]:
+        """The codec of the split being streamed: None, "int8" or "nf4" (None in place)."""
+        return self.source.layout.compression
+
+    @property
+    def resident_blocks(self) -> list[str]:
+        """Names of the blocks held on the device now (read once, never again), in execution order."""
+        return [self.blocks[i].name for i in sorted(self.resident.held)]
+
+    @property
+    def bytes_per_pass(self) -> int:
+        """Bytes the last pass read from disk: every block's tensors (as stored: a compressed split's compressed
+        bytes), except that on the CPU the embedding reads only the pages of the rows it looked up (tied
+        weights are read twice), and resident blocks read nothing."""
+        if not self.timeline:
+            raise RuntimeError("no pass has run yet: call forward, generate or score first")
+        return sum(r["bytes"] for r in self.timeline)
+
+    # ------------------------------------------------------------------ the engine
+    def run_pass(self, step: Callable[[Block], None], ids: torch.Tensor, desc: str = "blocks") -> None:
+        """One pass (``engine.stream_pass``): ``step(block)`` runs the batch through each block in turn.
+        ``forward``, ``generate`` and ``score`` are such steps; a new policy is a new step. ``ids``: every token
+        id the pass looks up, so the embedding reads only those rows. Built in chapter 08."""
+        self.source.rows = {b.name: torch.unique(ids.cpu()) for b in self.blocks if b.role is Role.EMBED}
+        observers = [Timeline(self.device), Progress(len(self.blocks), desc, self.progress)]
+        for observer in observers:
+            observer.start()
+        try:
+            stream_pass(self.blocks, self.resident, step, observers)
+            self.source.finish()
+        finally:
+            for observer in observers:
+                observer.finish()
+        self.timeline, self.passes = observers[0].records, self.passes + 1
+
+    # ------------------------------------------------------------------ inputs
+    def _ids(self, ids, what: str) -> torch.Tensor:
+        ids = torch.as_tensor(ids)
+        if ids.dim() == 1:
+            ids = ids[None]
+        if ids.dim() != 2 or ids.numel() == 0 or ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"{what} must be a non-empty (batch, seq) tensor of token ids; got shape "
+                             f"{tuple(ids.shape)} and dtype {ids.dtype}")
+        if int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size:
+            raise ValueError(f"{what} holds ids outside [0, {self.config.vocab_size}) (the vocabulary): "
+                             f"min {int(ids.min())}, max {int(ids.max())}")
+        return ids.long().to(self.device)
+
+    def _mask(self, attention_mask, ids: torch.Tensor) -> Optional[torch.Tensor]:
+        if attention_mask is None:
+            return None
+        mask = torch.as_tensor(attention_mask)
+        if mask.dim() == 1:
+            mask = mask[None]
+        if tuple(mask.shape) != tuple(ids.shape):
+            raise ValueError(f"attention_mask has shape {tuple(mask.shape)}; expected {tuple(ids.shape)}, "
+                             "the shape of input_ids")
+        return mask.long().to(self.device)
+
+    # ------------------------------------------------------------------ policies
+    def pass_logits(self, state: ForwardState, desc: str = "forward") -> torch.Tensor:
+        """One forward pass of ``state`` (its cache, if any, extended); the logits, on the compute device."""
+        self.llama.check_window(self.llama.cached_tokens(state.cache) + state.ids.shape[1])
+        self.run_pass(lambda block: self.llama.forward_step(state, block), state.ids, desc)
+        return state.logits
+
+    def forward(self, input_ids, attention_mask=None, *, last_only: bool = False) -> torch.Tensor:
+        """Logits (batch, seq, vocab), or (batch, 1, vocab) with ``last_only``: float32, on the CPU whatever the
+        compute device. Built in chapter 08."""
+        ids = self._ids(input_ids, "input_ids")
+        state = ForwardState(ids, self._mask(attention_mask, ids), last_only=last_only)
+        return self.pass_logits(state).cpu()
+
+    __call__ = forward
+
+    def generate(self, input_ids, max_new_tokens: int, *, do_sample: bool = False, temperature: float = 1.0,
+                 top_p: float = 1.0, attention_mask=None, seed: Optional[int] = None,
+                 eos_token_id: Optional[int] = None) -> torch.Tensor:
+        """Prompt plus up to ``max_new_tokens`` new ids (int64, on the CPU); one streamed pass per token, KV cache
+        per layer. Built in chapter 08.
+
+        Greedy by default (identical to ``model.generate(do_sample=False)``); ``do_sample`` samples with
+        ``temperature`` and nucleus ``top_p``. With ``eos_token_id`` it stops once every row has produced it.
+        """
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens {max_new_tokens!r} must be an int >= 1")
+        if do_sample and not (temperature > 0 and 0 < top_p <= 1):
+            raise ValueError(f"temperature {temperature!r} must be > 0 and top_p {top_p!r} in (0, 1]")
+        ids = self._ids(input_ids, "input_ids")
+        mask = self._mask(attention_mask, ids)
+        pos = None if mask is None else (mask.cumsum(-1) - 1).clamp(min=0)  # as HF generate does for left padding
+        gen = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
+        cache, out = self.llama.new_cache(), [ids]
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=self.device)
+        logits = self.pass_logits(ForwardState(ids, mask, cache, pos, last_only=True), "prefill")
+        for k in range(max_new_tokens):
+            nxt = pick(logits[:, -1], do_sample, temperature, top_p, gen)
+            if eos_token_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+                done |= nxt == eos_token_id
+            out.append(nxt[:, None])
+            if k + 1 == max_new_tokens or bool(done.all()):
+                break
+            if mask is not None:
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                pos = pos[:, -1:] + 1
+            logits = self.pass_logits(ForwardState(nxt[:, None], mask, cache, pos, last_only=True), f"token {k + 2}")
+        return torch.cat(out, dim=1).cpu()
+
+    def score(self, prefix_ids, suffix_ids: Sequence) -> torch.Tensor:
+        """Sum log-probability of each suffix after one shared prefix; the prefix's KV is computed once per layer.
+
+        ``suffix_ids``: a list of 1-D id sequences (lengths may differ) or a (n, S) tensor. Returns a float32
+        tensor of n scores on the CPU, equal to scoring each ``prefix + suffix`` separately. The prefix runs
+        under the causal mask of the model's attention implementation; each suffix sees the whole prefix and
+        its own earlier tokens. Built in chapter 08.
+        """
+        return self.score_many([(prefix_ids, suffix_ids)])[0]
+
+    def score_many(self, questions: Sequence, *, max_carried_bytes: Optional[int] = None) -> list[torch.Tensor]:
+        """``score`` for many questions, reading every block once for all of them: the Kaggle design.
+
+        ``questions``: a list of ``(prefix_ids, suffix_ids)``, each as ``score`` takes them. Returns one float32
+        CPU tensor per question, equal to ``score`` of that question. Each block, once loaded, runs every
+        question in turn, so a call costs one read of the model instead of one per question. What must stay in
+        memory between blocks is every question's activations (``hidden_size`` values per token);
+        ``max_carried_bytes`` caps them: questions are split, in order, into groups that fit, and each group is
+        one pass. Every question is checked before anything is read. Built in chapter 08.
+        """
+        if not isinstance(questions, (list, tuple)) or not questions:
+            raise ValueError("questions must be a non-empty list of (prefix_ids, suffix_ids) pairs; got "
+                             f"{type(questions).__name__} {questions!r:.80}")
+        states = []
+        for i, q in enumerate(questions):
+            if not isinstance(q, (list, tuple)) or len(q) != 2:
+                raise ValueError(f"questions[{i}] must be a (prefix_ids, suffix_ids) pair; got {q!r:.80}")
+            states.append(self._question(*q, what=f"questions[{i}]"))
+        per_element = self.config.hidden_size * self.dtype.itemsize
+        groups, carried = [[]], 0
+        for i, st in enumerate(states):
+            need = st.carried_elements * per_element
+            if max_carried_bytes is not None and need > max_carried_bytes:
+                raise ValueError(f"questions[{i}] alone carries {need} bytes of activations between blocks, "
+                                 f"more than max_carried_bytes={max_carried_bytes}")
+            if groups[-1] and max_carried_bytes is not None and carried + need > max_carried_bytes:
+                groups.append([])
+                carried = 0
+            groups[-1].append(st)
+            carried += need
+        for group in groups:
+            ids = torch.cat([t.flatten() for st in group for t in (st.prefix_ids, st.suffix)])
+            self.run_pass(lambda block, group=group: [self.llama.score_step(st, block) for st in group], ids, "score")
+        return [st.scores.cpu() for st in states]
+
+    def _question(self, prefix_ids, suffix_ids, what: str) -> ScoreState:
+        """Check one question and lay out its inputs; nothing is read or computed yet."""
+        prefix = self._ids(prefix_ids, f"{what} prefix_ids")
+        if prefix.shape[0] != 1:
+            raise ValueError(f"{what} prefix_ids must be one sequence; got a batch of {prefix.shape[0]}")
+        if isinstance(suffix_ids, torch.Tensor) and suffix_ids.dim() == 2:
+            suffix_ids = list(suffix_ids)
+        if not isinstance(suffix_ids, (list, tuple)) or not suffix_ids:
+            raise ValueError(f"{what} suffix_ids must be a non-empty list of token-id sequences (or a 2-D tensor)")
+        suffixes = [self._ids(x, f"{what} suffix_ids[{i}]")[0] for i, x in enumerate(suffix_ids)]
+        return self.llama.question(prefix, suffixes)
+
+    # ------------------------------------------------------------------ lifetime
+    def close(self) -> None:
+        """Stop the reader threads, free the read buffers and the resident blocks. Closing twice is harmless."""
+        self.source.close()
+        self.model.to("meta")
+        self.resident.clear()
+
+    def __enter__(self) -> "LayerStreamer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, gen) -> torch.Tensor:
+    """The next token of each row of ``logits`` (batch, vocab): the argmax, or a sample with ``temperature`` and
+    nucleus ``top_p`` (the smallest set of tokens whose probability reaches it). Built in chapter 08."""
+    if not do_sample:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    keep = sorted_p.cumsum(-1) - sorted_p < top_p
+    sorted_p = sorted_p * keep
+    choice = torch.multinomial(sorted_p / sorted_p.sum(-1, keepdim=True), 1, generator=gen)
+    return order.gather(-1, choice)[:, 0]
+
+
+def predicted_peak_bytes(config, batch_size: int, seq_len: int, dtype, *, prefetch: bool = True) -> int:
+    """Bytes ``LayerStreamer`` holds at its peak on the CPU, from ``helpers.arithmetic``. Built in chapter 08.
+
+    The weights of the two consecutive blocks it has at once (block i computing, block i + 1 being read;
+    one block without prefetch), the embedding counted as the rows a pass looks up and a tied ``lm_head``
+    as the whole shared table it reads, plus the activations of a ``batch_size`` x ``seq_len`` pass. For
+    files stored in ``dtype`` (converting on the fly briefly holds both copies of a block).
+    """
+    from helpers.arithmetic import activation_bytes, block_bytes
+
+    blocks = block_bytes(config, dtype)
+    table = blocks["model.embed_tokens"]
+    if blocks.get("lm_head") == 0:  # tied: lm_head reads the embedding's file whole
+        blocks["lm_head"] = table
+    blocks["model.embed_tokens"] = min(table, batch_size * seq_len * (table // config.vocab_size))
+    held = list(blocks.values())
+    weights = max(a + b for a, b in zip(held, held[1:])) if prefetch else max(held)
+    return weights + activation_bytes(config, batch_size, seq_len, dtype)
