@@ -4,33 +4,24 @@
 first (``check_dispatch``: chapter 04's ``validate_device_map``, then what only dispatching needs) and raises one
 ``ValueError`` before a tensor moves or a file is written. Then three steps, each a public function:
 
-* ``plan``: one ``Entry`` per ``device_map`` key, with the tensors inside it (a ``Tensor`` per tensor object, held by
+* ``plan``: one ``Entry`` per ``device_map`` key, with the tensors inside it (a ``TensorRef`` per tensor object, held by
   one ``Use`` or, tied, several), where its weights live and where it runs. It touches nothing.
 * ``materialise``: fills meta tensors from ``checkpoint``, writes each "disk" entry to
   ``offload_folder/<key>.safetensors`` (or reuses the file while its cache key matches), keeps each "cpu" entry's
   weights in host RAM (pinned when the execution device is a GPU), and leaves every offloaded parameter on ``meta``.
-* ``attach``: two plain PyTorch hooks per entry. The forward *pre*-hook brings an offloaded entry's weights to the
-  execution device and moves the inputs to where the entry runs; the forward hook puts the weights back on ``meta``,
-  so they stop costing memory. With ``prefetch=True`` a background thread loads the *next* offloaded entry while the
-  current one computes. "Next" is execution order: the order the pre-hooks fired in the last forward pass (before
-  the first pass, module order, which is a guess), so a model that calls its modules in another order than it
-  registered them is still read ahead correctly from its second pass on.
+* ``attach`` (``helpers.hooks``): two plain PyTorch hooks per entry, which bring an offloaded entry's weights to
+  the execution device just before it runs and send them back to ``meta`` after, reading ahead with
+  ``prefetch=True``.
 
 "cpu" in a map means "kept in host RAM and attached only while the module runs"; "disk" means "kept in a
-safetensors file, read only while the module runs". On the CPU a file is memory-mapped by default (nothing is
-copied: the weights *are* the page cache's pages; chapter 05 measures this against ``disk_read="readinto"``, one
-``readinto`` into a reused buffer); for a GPU it is always read with one ``readinto`` into a reused pinned buffer and
-copied on a side stream.
+safetensors file, read only while the module runs", through ``helpers.reader`` like chapter 08's streamer
+(``disk_read``: "direct", "buffered" or "map"; chapter 05 measures the three).
 """
 
 from __future__ import annotations
 
 import os
-import threading
-import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -39,14 +30,15 @@ from torch import nn
 
 from helpers.device_map import validate_device_map
 from helpers.meta import is_inside
+from helpers.hooks import DISK_READS, attach, check_disk_read
 from helpers.layout import weight_map
+from helpers.reader import host_copy
 from helpers.tensorfiles import (KEY_FIELD, cache_key, file_key, map_safetensors, read_safetensors, save_safetensors,
                                  why_stale, written_by_helpers)
 
 __all__ = ["dispatch", "undispatch", "check_dispatch", "plan", "materialise", "attach",
-           "Use", "Tensor", "Entry", "Plan", "Dispatcher", "DISK_READS"]
+           "Use", "TensorRef", "Entry", "Plan", "DISK_READS"]
 
-DISK_READS = ("map", "readinto")  # how a CPU-run "disk" entry is read: memory-mapped, or copied into a reused buffer
 
 Device = Union[int, str, torch.device]
 PathLike = Union[str, Path]
@@ -64,7 +56,7 @@ class Use:
 
 
 @dataclass(eq=False)
-class Tensor:
+class TensorRef:
     """One tensor object and every ``Use`` of it (a tied weight has several); it is known by its first use's name."""
 
     uses: list[Use]
@@ -98,7 +90,7 @@ class Entry:
     file: Optional[Path] = None  # "disk": its safetensors file
     host: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # "cpu": its weights in host RAM
 
-    def uses(self, tensor: Tensor) -> list[Use]:
+    def uses(self, tensor: TensorRef) -> list[Use]:
         """The uses of ``tensor`` inside this entry's module."""
         return [use for use in tensor.uses if is_inside(use.name, self.name)]
 
@@ -147,14 +139,14 @@ def _unusable(value: Device) -> Optional[str]:
 
 
 def _tensors(model: nn.Module) -> list[Tensor]:
-    """Every tensor of ``model`` once, with all its uses: tied weights are one ``Tensor`` with several."""
+    """Every tensor of ``model`` once, with all its uses: tied weights are one ``TensorRef`` with several."""
     persistent = set(model.state_dict(keep_vars=True))
     found: dict[int, Tensor] = {}
     for is_parameter, named in ((True, model.named_parameters(remove_duplicate=False)),
                                 (False, model.named_buffers(remove_duplicate=False))):
         for name, tensor in named:
             prefix, _, attr = name.rpartition(".")
-            record = found.setdefault(id(tensor), Tensor([], is_parameter, False))
+            record = found.setdefault(id(tensor), TensorRef([], is_parameter, False))
             record.uses.append(Use(name, model.get_submodule(prefix), attr))
             record.persistent |= name in persistent
     return list(found.values())
@@ -254,7 +246,7 @@ def plan(model: nn.Module, device_map: Mapping[str, Device], *, checkpoint: Opti
 
     The request must be one ``check_dispatch`` accepts. Entries come in module (registration) order, which is the
     order a forward pass meets them in most models; prefetching starts from it and then follows the order the hooks
-    actually fire (``Dispatcher``). Offloaded entries run on ``execution_device``, by default the map's first GPU
+    actually fire (``Prefetcher``). Offloaded entries run on ``execution_device``, by default the map's first GPU
     (accelerate's main device), else the CPU. An offloaded entry without parameters has nothing to offload: it
     stays where it runs.
     """
@@ -288,7 +280,7 @@ def materialise(plan: Plan) -> Plan:
     root, index = weight_map(plan.checkpoint) if plan.checkpoint is not None else (None, {})
     shards: dict[str, dict[str, torch.Tensor]] = {}  # checkpoint file -> its tensors, mapped and read in whole
 
-    def data(tensor: Tensor) -> torch.Tensor:
+    def data(tensor: TensorRef) -> torch.Tensor:
         value = tensor.get()
         if value.device.type != "meta":
             return value.detach()
@@ -298,6 +290,7 @@ def materialise(plan: Plan) -> Plan:
         return shards[index[name]][name].to(value.dtype, copy=True)
 
     placed: dict[tuple[str, torch.device], torch.Tensor] = {}  # a tensor tied across entries is placed once
+    host: dict[str, torch.Tensor] = {}  # "cpu" entries' weights in host RAM, each tensor once
     for entry in plan.entries:
         for tensor in entry.tensors:
             if entry.offload and tensor.is_parameter:
@@ -315,196 +308,14 @@ def materialise(plan: Plan) -> Plan:
                 entry.file.parent.mkdir(parents=True, exist_ok=True)
                 save_safetensors(entry.file, {t.name: data(t) for t in entry.weights}, metadata={KEY_FIELD: key})
         elif entry.offload == "cpu":
-            pin = plan.execution_device.type == "cuda"  # pinned: copied to the GPU asynchronously
-            entry.host = {t.name: data(t).pin_memory() if pin else data(t) for t in entry.weights}
+            for t in entry.weights:  # pinned for a GPU (helpers.reader copies it from there), once per tensor
+                if t.name not in host:
+                    host[t.name] = host_copy(data(t), plan.execution_device)
+            entry.host = {t.name: host[t.name] for t in entry.weights}
     for entry in plan.entries:
         for tensor in entry.weights:
             tensor.set(tensor.get().to("meta"), entry.uses(tensor))
     return plan
-
-
-def _check_disk_read(disk_read: str) -> None:
-    if not isinstance(disk_read, str) or disk_read not in DISK_READS:
-        raise ValueError(f"disk_read {disk_read!r} is not one of {DISK_READS}: 'map' memory-maps a CPU-run 'disk' "
-                         "entry's file, 'readinto' copies it into a reused buffer")
-
-
-def attach(plan: Plan, *, prefetch: bool = False, timeline: Optional[list] = None,
-           disk_read: str = "map") -> nn.Module:
-    """Register the hooks that run ``plan.model`` with its offloaded entries; returns the model. Built in chapter 05.
-
-    ``prefetch=True`` loads the next offloaded entry (in execution order) on a background thread; ``timeline``, a
-    list, receives a dict per load and per compute (module, kind, start, end, thread, clock). ``clock`` says what
-    was timed: ``"host"`` (``time.perf_counter`` around the work) or, for compute on a GPU, ``"cuda events"``
-    (device time, placed on the host clock at the end of each pass). ``disk_read`` ("map" or "readinto") is how
-    "disk" entries are read when they run on the CPU; for a GPU they are always read into a pinned buffer.
-    """
-    _check_disk_read(disk_read)
-    model, dispatcher = plan.model, Dispatcher(plan, prefetch, timeline, disk_read)
-    add = dispatcher.handles.append
-    add(model.register_forward_pre_hook(dispatcher.before_model, with_kwargs=True, prepend=True))
-    for entry in plan.entries:
-        add(entry.module.register_forward_pre_hook(partial(dispatcher.before, entry), with_kwargs=True))
-        add(entry.module.register_forward_hook(partial(dispatcher.after, entry)))
-    add(model.register_forward_hook(dispatcher.after_model))
-    model._helpers_dispatcher = dispatcher
-    return model
-
-
-# --------------------------------------------------------------------------- the hooks
-
-def _to(obj: Any, device: torch.device) -> Any:
-    """``obj`` with every tensor inside (tuples, lists, dicts, model outputs) on ``device``."""
-    if isinstance(obj, torch.Tensor):
-        # non_blocking only towards a GPU: a copy *to* host memory must be finished before anyone reads it
-        return obj if obj.device == device else obj.to(device, non_blocking=device.type == "cuda")
-    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
-        return type(obj)(_to(x, device) for x in obj)
-    if isinstance(obj, dict):
-        moved = {k: _to(v, device) for k, v in obj.items()}
-        return type(obj)(**moved) if type(obj) is not dict and hasattr(obj, "to_tuple") else moved
-    return obj
-
-
-def _first_device(obj: Any) -> Optional[torch.device]:
-    if isinstance(obj, torch.Tensor):
-        return obj.device
-    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
-    return next((device for x in items if (device := _first_device(x)) is not None), None)
-
-
-class Dispatcher:
-    """What the hooks of one dispatched model share: the plan, the prefetch thread and its loads, the timeline.
-
-    Prefetching reads ahead in ``order``: module order until a pass has run, then the order in which the last pass
-    fired the offloaded entries' pre-hooks (``seen``), which is the model's execution order.
-    """
-
-    def __init__(self, plan: Plan, prefetch: bool, timeline: Optional[list], disk_read: str = "map"):
-        self.timeline, self.device, self.disk_read = timeline, plan.execution_device, disk_read
-        self.offloaded = [entry for entry in plan.entries if entry.offload]
-        self.order = list(self.offloaded)  # prefetch order: a guess until the first pass has run
-        self.seen: dict[str, Entry] = {}  # this pass's offloaded entries, in the order their pre-hooks fired
-        self.cuda = self.device.type == "cuda"
-        self.gpus = {entry.runs_on for entry in plan.entries if entry.runs_on.type == "cuda"}  # where compute is timed
-        self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if prefetch else None
-        self.pending: dict[str, Future] = {}  # entry name -> its load, started ahead
-        self.buffers: list[torch.Tensor] = []  # read buffers, reused (one per load in flight or attached)
-        self.held: dict[str, torch.Tensor] = {}  # CPU readinto: entry name -> the buffer its attached weights view
-        self.lock = threading.Lock()
-        self.handles: list = []
-        self.started: dict[str, tuple] = {}  # entry name -> (host start, CUDA start event or None)
-        self.anchors: dict[torch.device, tuple] = {}  # GPU -> (event, host time) that place its events on the clock
-        self.gpu_bars: list[tuple] = []  # (entry name, device, start event, end event), resolved after the pass
-        self.input_device: Optional[torch.device] = None
-
-    def load(self, entry: Entry) -> tuple[dict[str, torch.Tensor], Optional[torch.Tensor]]:
-        """An offloaded entry's weights on the execution device (on the prefetch thread too), and the read buffer
-        they view (CPU ``readinto`` only: it is reused once the weights are detached), else None."""
-        start = time.perf_counter()
-        host, buffer = entry.host, None
-        if entry.offload == "disk" and (self.cuda or self.disk_read == "readinto"):
-            with self.lock:  # one readinto into a reused buffer: fresh pages cost more than the read
-                spare = self.buffers.pop(max(range(len(self.buffers)), key=lambda i: self.buffers[i].numel())
-                                         ) if self.buffers else None  # the largest: it fits most entries
-            host, buffer = read_safetensors(entry.file, spare, pin=self.cuda)
-        if not self.cuda:  # mapped ("map": the weights are the page cache's pages until released) or read above
-            weights = map_safetensors(entry.file)[0] if entry.offload == "disk" and buffer is None else host
-        else:
-            with torch.cuda.stream(self.copy_stream):  # pinned host memory -> GPU, on a side stream
-                weights = {name: t.to(self.device, non_blocking=True) for name, t in host.items()}
-            self.copy_stream.synchronize()  # waited for here (on the prefetch thread), not by the compute
-            self.release(buffer)  # copied: the buffer is free for the next read
-            buffer = None
-        self._log(entry.name, "load", start)
-        return weights, buffer
-
-    def release(self, buffer: Optional[torch.Tensor]) -> None:
-        if buffer is not None:
-            with self.lock:
-                self.buffers.append(buffer)
-
-    def before(self, entry: Entry, module: nn.Module, args: tuple, kwargs: dict):
-        """Forward pre-hook: attach an offloaded entry's weights, start the next load, move the inputs."""
-        if entry.offload:
-            self.seen.setdefault(entry.name, entry)  # the execution order, for the next pass's prefetching
-            future = self.pending.pop(entry.name, None)
-            weights, buffer = future.result() if future is not None else self.load(entry)
-            if buffer is not None:
-                self.held[entry.name] = buffer
-            for tensor in entry.weights:
-                value = weights[tensor.name]
-                if self.cuda:  # allocated on the copy stream, used on the compute stream
-                    value.record_stream(torch.cuda.current_stream(self.device))
-                tensor.set(value, entry.uses(tensor))
-            self.prefetch_after(entry)
-        self.started[entry.name] = (time.perf_counter(), self._event(entry.runs_on))
-        return _to(args, entry.runs_on), _to(kwargs, entry.runs_on)
-
-    def after(self, entry: Entry, module: nn.Module, args: tuple, output: Any):
-        """Forward hook: put an offloaded entry's weights back on meta, which releases their memory."""
-        start, event = self.started.pop(entry.name)
-        if event is None:
-            self._log(entry.name, "compute", start)
-        else:  # device time: an event after the module's kernels, read once the pass is over
-            self.gpu_bars.append((entry.name, entry.runs_on, event, self._event(entry.runs_on)))
-        for tensor in entry.weights:
-            tensor.set(tensor.get().to("meta"), entry.uses(tensor))
-        self.release(self.held.pop(entry.name, None))  # nothing views the buffer any more
-        return output
-
-    def prefetch_after(self, entry: Entry) -> None:
-        """With prefetching on: start loading the offloaded entry after ``entry`` (in ``order``) in the background."""
-        if self.pool is None:
-            return
-        i = self.order.index(entry) + 1
-        if i < len(self.order) and self.order[i].name not in self.pending:
-            self.pending[self.order[i].name] = self.pool.submit(self.load, self.order[i])
-
-    def before_model(self, model: nn.Module, args: tuple, kwargs: dict):
-        """The model's own pre-hook: remember where the inputs are, and start loading the first offloaded entry."""
-        self.input_device = _first_device((args, kwargs))
-        self.seen = {}
-        if self.timeline is not None:  # each GPU's clock, tied to the host's at the start of the pass
-            for device in self.gpus:
-                anchor = torch.cuda.Event(enable_timing=True)
-                anchor.record(torch.cuda.current_stream(device))
-                anchor.synchronize()  # the host time is taken after the anchor ran: device times are never early
-                self.anchors[device] = (anchor, time.perf_counter())
-        if self.pool is not None and self.order and self.order[0].name not in self.pending:
-            self.pending[self.order[0].name] = self.pool.submit(self.load, self.order[0])
-        return args, kwargs
-
-    def after_model(self, model: nn.Module, args: tuple, output: Any):
-        """The model's own hook: learn the execution order, drop loads a wrong guess of it started, bring the
-        output back to where the inputs came from, and put the pass's GPU compute bars on the timeline."""
-        if self.seen:  # entries this pass did not call keep their place after the ones it did
-            self.order = list(self.seen.values()) + [e for e in self.order if e.name not in self.seen]
-        for future in self.pending.values():  # read ahead for an entry this pass did not call next: not needed
-            self.release(future.result()[1])
-        self.pending.clear()
-        for name, device, start, end in self.gpu_bars:
-            anchor, t0 = self.anchors[device]
-            end.synchronize()
-            self.timeline.append({"module": name, "kind": "compute", "start": t0 + anchor.elapsed_time(start) / 1e3,
-                                  "end": t0 + anchor.elapsed_time(end) / 1e3,
-                                  "thread": threading.current_thread().name, "clock": "cuda events"})
-        self.gpu_bars.clear()
-        return _to(output, self.input_device) if self.input_device is not None else output
-
-    def _event(self, device: torch.device) -> Optional["torch.cuda.Event"]:
-        """With a timeline, on a GPU: a timing event recorded now on ``device``'s current stream; else None."""
-        if self.timeline is None or device.type != "cuda":
-            return None
-        event = torch.cuda.Event(enable_timing=True)
-        event.record(torch.cuda.current_stream(device))
-        return event
-
-    def _log(self, name: str, kind: str, start: float) -> None:
-        if self.timeline is not None:
-            self.timeline.append({"module": name, "kind": kind, "start": start, "end": time.perf_counter(),
-                                  "thread": threading.current_thread().name, "clock": "host"})
 
 
 # --------------------------------------------------------------------------- dispatch and undispatch
@@ -512,16 +323,16 @@ class Dispatcher:
 def dispatch(model: nn.Module, device_map: Mapping[str, Device], *, checkpoint: Optional[PathLike] = None,
              offload_folder: Optional[PathLike] = None, prefetch: bool = False,
              execution_device: Optional[Device] = None, timeline: Optional[list] = None,
-             disk_read: str = "map") -> nn.Module:
+             disk_read: str = "direct") -> nn.Module:
     """Place ``model`` by ``device_map`` and hook it to run with "cpu" and "disk" entries. Built in chapter 05.
 
     Checks everything first and raises one ``ValueError`` (``check_dispatch``); then ``plan``, ``materialise``,
     ``attach``. Meta tensors are read from ``checkpoint`` (a safetensors file or folder); "disk" entries are kept in
     ``offload_folder/<key>.safetensors``; ``prefetch=True`` loads the next offloaded entry (in execution order) on
     a background thread; ``timeline``, a list, receives load and compute intervals (``attach``); ``disk_read`` is
-    how CPU-run "disk" entries are read ("map" or "readinto"). Returns the model; ``undispatch`` undoes it all.
+    how "disk" entries are read (``helpers.reader.READS``). Returns the model; ``undispatch`` undoes it all.
     """
-    _check_disk_read(disk_read)
+    check_disk_read(disk_read)
     if hasattr(model, "_helpers_dispatcher"):
         raise ValueError(f"this {type(model).__name__} is already dispatched; call undispatch(model) first")
     request = dict(checkpoint=checkpoint, offload_folder=offload_folder, execution_device=execution_device)
@@ -532,17 +343,14 @@ def dispatch(model: nn.Module, device_map: Mapping[str, Device], *, checkpoint: 
 
 def undispatch(model: nn.Module) -> nn.Module:
     """Remove every hook ``dispatch`` added; offloaded weights come back to host RAM, ties kept. Built in chapter 05."""
-    dispatcher = getattr(model, "_helpers_dispatcher", None)
-    if dispatcher is None:
+    hooks = getattr(model, "_helpers_dispatcher", None)
+    if hooks is None:
         raise ValueError(f"this {type(model).__name__} was not dispatched by helpers.dispatch.dispatch")
-    for handle in dispatcher.handles:
+    for handle in hooks.handles:
         handle.remove()
-    if dispatcher.pool is not None:
-        dispatcher.pool.shutdown(wait=True)
-    dispatcher.pending.clear()
-    dispatcher.buffers.clear()
+    hooks.prefetcher.close()
     restored: set[str] = set()
-    for entry in dispatcher.offloaded:
+    for entry in hooks.offloaded:
         weights = read_safetensors(entry.file)[0] if entry.offload == "disk" else entry.host
         for tensor in entry.weights:
             if tensor.name not in restored:  # every use, inside this entry or not: one Parameter, ties restored

@@ -44,7 +44,7 @@ import torch
 from .layout import Piece
 from .tensorfiles import CheckpointError, map_range, touch_rows
 
-__all__ = ["READS", "ALIGN", "Loaded", "BlockReader", "direct_io_refusal", "h2d_bandwidth"]
+__all__ = ["READS", "ALIGN", "Loaded", "BlockReader", "direct_io_refusal", "host_copy", "h2d_bandwidth"]
 
 READS = ("direct", "buffered", "map")
 ALIGN = 4096  # O_DIRECT: offsets, lengths and buffer addresses in multiples of this (covers 512-byte sectors)
@@ -65,6 +65,7 @@ class Loaded:
     slot: Optional["_Slot"] = field(default=None, repr=False)  # the host slot the tensors view (CPU), or None
     number: int = 0  # the reader's count of loads so far: the order of reads
     resident: bool = False  # held on the device by a residency policy: nothing was read for it
+    thread: str = ""  # the thread that read it (the reader's own, when it was read ahead)
 
 
 @dataclass(eq=False)
@@ -91,6 +92,12 @@ def direct_io_refusal(path: Union[str, Path]) -> Optional[str]:
     return None
 
 
+def host_copy(tensor: torch.Tensor, device: Device) -> torch.Tensor:
+    """``tensor`` in host memory as a reader copies it to ``device`` from: pinned when ``device`` is a GPU (the
+    copy engine reads it directly and asynchronously), as it is otherwise. Built in chapter 05."""
+    return tensor.pin_memory() if torch.device(device).type == "cuda" else tensor
+
+
 def _aligned(nbytes: int, *, pin: bool = False) -> torch.Tensor:
     """``nbytes`` of host memory starting on an ``ALIGN`` boundary, every page touched once."""
     if pin:  # cudaHostAlloc returns page-aligned memory
@@ -108,11 +115,13 @@ class BlockReader:
 
     ``read``: "direct" (default), "buffered" or "map" (``READS``; see the module's text); ``method`` is the one
     running and ``why`` the reason when it is not the one asked for. ``in_flight``: read requests at once.
-    ``submit`` runs ``load`` in the reader's own thread, so that a caller computes while the next block is read.
+    ``submit`` runs ``load`` in the reader's own thread (``thread_name``), so that a caller computes while the
+    next block is read.
     Close it (``close()`` or ``with``) to stop its threads and free its slots.
     """
 
-    def __init__(self, device: Device = "cpu", *, read: str = "direct", in_flight: int = 4):
+    def __init__(self, device: Device = "cpu", *, read: str = "direct", in_flight: int = 4,
+                 thread_name: str = "layer-reader"):
         if read not in READS:
             raise ValueError(f"read {read!r} must be one of {', '.join(map(repr, READS))}")
         if isinstance(in_flight, bool) or not isinstance(in_flight, int) or in_flight < 1:
@@ -126,22 +135,27 @@ class BlockReader:
         self._computed: dict[int, "torch.cuda.Event"] = {}  # CUDA: load number -> its block's compute, done
         self._lock = threading.Lock()
         self._requests = ThreadPoolExecutor(in_flight, thread_name_prefix="block-read")
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="layer-reader")
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix=thread_name)
         self._loads = 0
         self.closed = False
 
     # ------------------------------------------------------------------ the interface
     def load(self, pieces: Sequence[Piece], rows: Optional[torch.Tensor] = None,
-             transform: Optional[Callable[[dict], dict]] = None) -> Loaded:
+             transform: Optional[Callable[[dict], dict]] = None,
+             host: Optional[Mapping[str, torch.Tensor]] = None) -> Loaded:
         """Read a block's pieces and return its tensors on the device, ``transform`` applied to them (on CUDA
         on the copy stream: decompression, dtype conversion).
 
         ``rows``: for a lookup table on the CPU, the rows a pass looks up: the table is mapped without
         read-ahead and only their pages are read, whatever the method (``transform`` is not applied to it).
+        ``host``: tensors already in host memory (pinned, on CUDA) to bring to the device instead of ``pieces``:
+        chapter 05's "cpu" entries.
         """
         self._check_open()
         self._loads += 1
         number, t0 = self._loads, time.perf_counter()
+        if host is not None:
+            return self._finish(dict(host), 0, t0, t0, number, None, transform)
         if rows is not None and not self.cuda:
             return self._lookup(pieces, rows, number, t0)
         if self.method == "map":
@@ -159,10 +173,11 @@ class BlockReader:
             raise
 
     def submit(self, pieces: Sequence[Piece], rows: Optional[torch.Tensor] = None,
-               transform: Optional[Callable[[dict], dict]] = None) -> Future:
+               transform: Optional[Callable[[dict], dict]] = None,
+               host: Optional[Mapping[str, torch.Tensor]] = None) -> Future:
         """``load`` in the reader's thread; returns its ``Future``."""
         self._check_open()
-        return self._worker.submit(self.load, pieces, rows, transform)
+        return self._worker.submit(self.load, pieces, rows, transform, host)
 
     def release(self, loaded: Loaded, after: Optional["torch.cuda.Event"] = None) -> None:
         """The block's tensors are no longer used: its slot may be read into again. On CUDA, ``after`` is an event
@@ -256,7 +271,8 @@ class BlockReader:
             tensors = piece.views(map_range(piece.path, piece.start, piece.length, populate=False))
             nbytes += touch_rows(tensors, rows)
             state.update(tensors)
-        return Loaded(state, nbytes, t0, time.perf_counter(), number=number)
+        return Loaded(state, nbytes, t0, time.perf_counter(), number=number,
+                      thread=threading.current_thread().name)
 
     def _finish(self, state: dict, nbytes: int, t0: float, read_end: float, number: int, slot,
                 transform) -> Loaded:
@@ -270,7 +286,7 @@ class BlockReader:
                 event.record(self.copy_stream)
         elif transform is not None:
             state = transform(state)
-        return Loaded(state, nbytes, t0, read_end, event, slot, number)
+        return Loaded(state, nbytes, t0, read_end, event, slot, number, thread=threading.current_thread().name)
 
     # ------------------------------------------------------------------ slots
     def _take_slot(self, size: int) -> _Slot:

@@ -277,9 +277,9 @@ def test_prefetch_follows_execution_order_not_registration_order(tmp_path):
 
 
 @pytest.mark.parametrize("prefetch", [False, True], ids=["load", "prefetch"])
-def test_disk_read_readinto_matches_map_and_reuses_its_buffers(tiny, tmp_path, prefetch):
+def test_every_disk_read_matches_and_reuses_its_buffers(tiny, tmp_path, prefetch):
     reference = logits(tiny())
-    for disk_read in ("map", "readinto"):
+    for disk_read in ("map", "buffered", "direct"):
         model, timeline = tiny(), []
         dispatch(model, layer_map(4, "d", ends="disk"), offload_folder=tmp_path / disk_read, prefetch=prefetch,
                  timeline=timeline, disk_read=disk_read)
@@ -290,9 +290,9 @@ def test_disk_read_readinto_matches_map_and_reuses_its_buffers(tiny, tmp_path, p
         assert untouched(model) and torch.equal(logits(model), reference)
 
 
-def test_disk_read_must_be_map_or_readinto_and_is_checked_first(tiny, tmp_path):
+def test_disk_read_must_be_a_reader_method_and_is_checked_first(tiny, tmp_path):
     model = tiny()
-    with pytest.raises(ValueError, match=r"disk_read 'mmap' is not one of \('map', 'readinto'\)"):
+    with pytest.raises(ValueError, match=r"disk_read 'mmap' is not one of \('direct', 'buffered', 'map'\)"):
         dispatch(model, layer_map(4, "d", ends="disk"), offload_folder=tmp_path, disk_read="mmap")
     assert list(tmp_path.iterdir()) == [] and untouched(model)
 
@@ -355,7 +355,25 @@ def test_cuda_timeline_times_compute_with_cuda_events(tiny, tmp_path, prefetch):
     loads = {t["module"]: t for t in timeline if t["kind"] == "load"}
     computes = {t["module"]: t for t in timeline if t["kind"] == "compute"}
     assert {t["clock"] for t in computes.values()} == {"cuda events"}  # device time, not kernel launches
-    assert {t["clock"] for t in loads.values()} == {"host"}  # a load waits for its copy, so host time is its time
+    assert {t["clock"] for t in loads.values()} == {"cuda events"}  # a load ends when its copy has run on the GPU
     assert set(computes) == set(loads) | {"model.rotary_emb"}
     assert all(0 <= t["end"] - t["start"] < 10 for t in computes.values())
     assert all(loads[name]["end"] <= computes[name]["start"] for name in loads)  # weights there before use
+
+
+def test_a_tied_weight_is_kept_once_in_host_ram(tiny, tmp_path):
+    """The embedding and the tied lm_head, both "cpu": one host copy of the table (pinned once on a GPU machine)."""
+    model = tiny()
+    p = materialise(plan(model, layer_map(4, "c"), offload_folder=tmp_path))
+    entries = {e.name: e for e in p.entries}
+    table = entries["model.embed_tokens"].host["model.embed_tokens.weight"]
+    assert next(iter(entries["lm_head"].host.values())) is table
+
+
+@pytest.mark.cuda
+def test_cuda_a_tied_weight_is_pinned_once(tiny, tmp_path):
+    model = tiny()
+    p = materialise(plan(model, layer_map(4, "c"), offload_folder=tmp_path, execution_device=0))
+    entries = {e.name: e for e in p.entries}
+    table = entries["model.embed_tokens"].host["model.embed_tokens.weight"]
+    assert table.is_pinned() and next(iter(entries["lm_head"].host.values())) is table
