@@ -2,7 +2,6 @@
 wheels it installs, the slimmed bitsandbytes wheel, its steps' timeouts and the report it reads from pytest and
 the benchmark."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -19,19 +18,14 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "gpu_check.py"
+SCRIPTS = ROOT / "scripts"
+SCRIPT = SCRIPTS / "gpu_check.py"
 if not SCRIPT.is_file():  # the tests copied out of a checkout (make test-latest): the script stays behind
     pytest.skip("scripts/gpu_check.py is not here: not a checkout of the book", allow_module_level=True)
+if str(SCRIPTS) not in sys.path:
+    sys.path.append(str(SCRIPTS))  # as when the script is run by path: its folder holds gpu_check_lib
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-gpu_check = _load()
+from gpu_check_lib import cli, download, packages, runner, steps  # noqa: E402
 
 
 def make_wheel(directory: Path, name: str, version: str, requires=(), files=None) -> Path:
@@ -55,13 +49,13 @@ def test_without_cuda_it_writes_the_report_says_nothing_was_verified_and_exits_3
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # no device, on any machine
     done = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--wheels", str(tmp_path / "none")],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
-    assert done.returncode == gpu_check.EXIT_NO_CUDA == 3, done.stdout + done.stderr
-    assert gpu_check.NO_CUDA in done.stdout
+    assert done.returncode == cli.EXIT_NO_CUDA == 3, done.stdout + done.stderr
+    assert cli.NO_CUDA in done.stdout
     assert sorted(p.name for p in out.iterdir()) == ["gpu-check.json", "gpu-check.txt"]  # no temp file left
     report = json.loads((out / "gpu-check.json").read_text())
     assert {"tool", "started", "finished", "seconds", "budget_seconds", "status", "message", "exit_code", "python",
             "machine", "packages", "wheels", "steps"} <= set(report)
-    assert (report["status"], report["message"], report["exit_code"]) == ("no-cuda", gpu_check.NO_CUDA, 3)
+    assert (report["status"], report["message"], report["exit_code"]) == ("no-cuda", cli.NO_CUDA, 3)
     assert report["machine"]["cuda_available"] is False and report["machine"]["torch"]
     assert report["steps"] == {"pytest": {"status": "not run", "seconds": 0.0},
                                "benchmark": {"status": "not run", "seconds": 0.0}}
@@ -84,7 +78,7 @@ def test_plan_installs_only_what_is_missing_or_outside_its_bound(tmp_path):
                                        "eta>=1")]
     installed = {"alpha": Version("1.0"), "beta": Version("1.5"), "gamma": None, "delta": None,
                  "torch": Version("2.0"), "eps": None, "zeta": Version("1.0"), "eta": None, "theta": None}
-    install, lines = gpu_check.plan_wheels(wanted, installed, gpu_check.carried_wheels(wheels))
+    install, lines = packages.plan_wheels(wanted, installed, packages.carried_wheels(wheels))
     assert sorted(w.name for w in install) == ["alpha-2.1-py3-none-any.whl", "eps-1.0-py3-none-any.whl",
                                                "zeta-2.0-py3-none-any.whl"]
     by = {ln["name"]: ln for ln in lines}
@@ -107,17 +101,17 @@ def test_installed_wheels_shadow_the_machines_version_and_are_reported_as_carrie
     wheels.mkdir()
     wheel = make_wheel(wheels, "tqdm", "99.0")  # newer than any tqdm the machine has
     site = tmp_path / "site"
-    assert gpu_check.install_wheels([wheel], site) is None
+    assert packages.install_wheels([wheel], site) is None
     wanted = [Requirement("tqdm>=4.66"), Requirement("psutil>=5.9")]
-    rows = {r["name"]: r for r in gpu_check.package_rows(wanted, [str(site)])}
+    rows = {r["name"]: r for r in packages.package_rows(wanted, [str(site)])}
     assert rows["tqdm"] == {"name": "tqdm", "required": ">=4.66", "version": "99.0", "source": "carried"}
     assert rows["psutil"]["source"] == "machine" and rows["psutil"]["version"] == psutil.__version__
-    error = gpu_check.install_wheels([wheels / "absent-1.0-py3-none-any.whl"], tmp_path / "site2")
+    error = packages.install_wheels([wheels / "absent-1.0-py3-none-any.whl"], tmp_path / "site2")
     assert error and "absent-1.0-py3-none-any.whl" in error
 
 
 def test_wanted_requirements_are_pyproject_bounds_with_the_test_tools():
-    wanted = {r.name: str(r.specifier) for r in gpu_check.wanted_requirements()}
+    wanted = {r.name: str(r.specifier) for r in packages.wanted_requirements()}
     assert {"torch", "transformers", "accelerate", "safetensors", "bitsandbytes", "pytest", "hypothesis"} <= set(wanted)
     assert all(spec.startswith(">=") for spec in wanted.values()), wanted
     assert "matplotlib" not in wanted and "jupyter-book" not in wanted  # chapters and book build: not needed
@@ -128,7 +122,7 @@ def test_slimmed_bitsandbytes_wheel_keeps_cpu_and_cuda13_and_pip_installs_it(tmp
     files = {"bitsandbytes/__init__.py": b"", **{f"bitsandbytes/libbitsandbytes_{k}.so": os.urandom(4096)
                                                 for k in libs}}
     wheel = make_wheel(tmp_path, "bitsandbytes", "0.50.2", files=files)
-    saved = gpu_check.slim_wheel(wheel, ["cuda13"])
+    saved = download.slim_wheel(wheel, ["cuda13"])
     assert saved > 3 * 4096
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
@@ -142,21 +136,21 @@ def test_slimmed_bitsandbytes_wheel_keeps_cpu_and_cuda13_and_pip_installs_it(tmp
     assert sorted(p.name for p in (target / "bitsandbytes").glob("*.so")) == sorted(Path(k).name for k in kept)
     for bad in ([], ["cuda13;rm"], "cuda13"):
         with pytest.raises(ValueError, match="backend prefixes"):
-            gpu_check.slim_wheel(wheel, bad if bad != "cuda13" else [1])
+            download.slim_wheel(wheel, bad if bad != "cuda13" else [1])
 
 
 def test_download_refuses_a_package_the_lock_does_not_pin_before_any_download(tmp_path):
     with pytest.raises(ValueError, match="not-in-the-lock"):
-        gpu_check.download_wheels(tmp_path / "whl", ["transformers", "not-in-the-lock"], ROOT / "requirements.lock",
+        download.download_wheels(tmp_path / "whl", ["transformers", "not-in-the-lock"], ROOT / "requirements.lock",
                                   ["cuda13"])
     assert not (tmp_path / "whl").exists()
 
 
 def test_run_step_reports_passed_failed_and_kills_the_whole_group_at_the_timeout(tmp_path):
-    ok = gpu_check.run_step([sys.executable, "-c", "print('hello')"], log=tmp_path / "ok.log", timeout=60)
+    ok = runner.run_step([sys.executable, "-c", "print('hello')"], log=tmp_path / "ok.log", timeout=60)
     assert (ok["status"], ok["exit_code"], ok["tail"]) == ("passed", 0, [])
     assert (tmp_path / "ok.log").read_text() == "hello\n"
-    bad = gpu_check.run_step([sys.executable, "-c", "print('boom'); raise SystemExit(4)"],
+    bad = runner.run_step([sys.executable, "-c", "print('boom'); raise SystemExit(4)"],
                              log=tmp_path / "bad.log", timeout=60)
     assert (bad["status"], bad["exit_code"], bad["tail"]) == ("failed", 4, ["boom"])
     pid_file = tmp_path / "child.pid"
@@ -168,7 +162,7 @@ def test_run_step_reports_passed_failed_and_kills_the_whole_group_at_the_timeout
         time.sleep(120)
     """)
     start = time.monotonic()
-    hung = gpu_check.run_step([sys.executable, "-c", code], log=tmp_path / "hung.log", timeout=5)
+    hung = runner.run_step([sys.executable, "-c", code], log=tmp_path / "hung.log", timeout=5)
     assert hung["status"] == "timed out" and hung["tail"] == ["started"]
     assert time.monotonic() - start < 60
     child = int(pid_file.read_text())
@@ -177,7 +171,73 @@ def test_run_step_reports_passed_failed_and_kills_the_whole_group_at_the_timeout
         assert time.monotonic() < deadline, f"the step's child {child} outlived its timeout"
         time.sleep(0.2)
     with pytest.raises(ValueError, match="timeout 0"):
-        gpu_check.run_step([sys.executable, "-c", "pass"], log=tmp_path / "never.log", timeout=0)
+        runner.run_step([sys.executable, "-c", "pass"], log=tmp_path / "never.log", timeout=0)
+
+
+def test_steps_run_in_order_under_the_budget_and_fold_in_their_results(tmp_path):
+    """A step is data (name, command, timeout, results file and its reader); what the budget leaves no time for is
+    not run, and says so."""
+    results = tmp_path / "first.json"
+    results.write_text('"stale"')  # an earlier run's: removed before the step runs
+    plan = [steps.Step("first", [sys.executable, "-c", f"open({str(results)!r}, 'w').write('\"fresh\"')"], 600.0,
+                       results, lambda record, path: record.update(summary=json.loads(path.read_text()))),
+            steps.Step("second", [sys.executable, "-c", "print('boom'); raise SystemExit(5)"], 600.0)]
+    records = {s.name: {"status": "not run", "seconds": 0.0} for s in plan}
+    runner.run_steps(plan, records, tmp_path, dict(os.environ), runner.Budget(100.0))
+    assert (records["first"]["status"], records["first"]["summary"]) == ("passed", "fresh")
+    assert records["first"]["timeout"] <= 100.0 - runner.RESERVE  # its own 600 s, capped by what the budget leaves
+    assert (records["second"]["status"], records["second"]["summary"]) == ("failed", "exit 5: boom")
+    assert sorted(p.name for p in tmp_path.glob("*.log")) == ["first.log", "second.log"]
+    records = {s.name: {"status": "not run", "seconds": 0.0} for s in plan}
+    runner.run_steps(plan, records, tmp_path, dict(os.environ), runner.Budget(5.0))
+    assert records == {name: {"status": "not run", "seconds": 0.0, "summary": "not run: the 5 s budget was spent"}
+                       for name in ("first", "second")}
+
+
+def test_on_a_cuda_machine_it_runs_every_step_and_exits_0_or_1_as_they_do(tmp_path, monkeypatch, capsys):
+    """The check's path on a GPU, with the probe and the steps stood in for: 0 when every step passes, else 1."""
+    gpu = {"python": "3.12", "torch": "2.11", "cuda_runtime": "13.0", "cuda_available": True, "gpu": "Test GPU",
+           "compute_capability": "9.0", "memory_bytes": 2**37, "driver": "580", "bf16_supported": True}
+    monkeypatch.setattr(cli, "probe_machine", lambda env, timeout: dict(gpu))
+    for second, code in (("pass", 0), ("raise SystemExit(2)", 1)):
+        monkeypatch.setattr(cli, "steps", lambda out, second=second: [
+            steps.Step("first", [sys.executable, "-c", "pass"], 60.0),
+            steps.Step("second", [sys.executable, "-c", second], 60.0)])
+        out = tmp_path / f"out{code}"
+        assert cli.main(["--out", str(out), "--wheels", str(tmp_path / "none")]) == code
+        report = json.loads((out / "gpu-check.json").read_text())
+        assert (report["status"], report["exit_code"]) == (("ok", 0) if code == 0 else ("failed", 1))
+        assert [s["status"] for s in report["steps"].values()] == ["passed", "passed" if code == 0 else "failed"]
+        assert report["machine"]["gpu"] == "Test GPU" and report["packages"]
+        text = (out / "gpu-check.txt").read_text()
+        assert "machine: Test GPU (compute capability 9.0, 128.0 GiB, driver 580" in text
+        assert sorted(p.name for p in out.iterdir()) == ["first.log", "gpu-check.json", "gpu-check.txt", "second.log"]
+    assert "second did not pass" in report["message"]
+
+
+def test_on_a_bare_python_without_torch_or_packaging_it_still_reports_and_exits_1(tmp_path):
+    """It starts on the GPU machine's python as it is (packaging then comes from pip's own copy); a python whose
+    torch does not import cannot say whether there is a device: that is a failure, not "no CUDA"."""
+    fake = tmp_path / "site" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('no torch on this python')\n")
+    bare = textwrap.dedent(f"""
+        import runpy, sys
+        sys.modules["packaging"] = None  # import packaging raises ImportError
+        sys.path.insert(0, {str(SCRIPTS)!r})
+        sys.argv = [{str(SCRIPT)!r}, *sys.argv[1:]]
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    """)
+    out = tmp_path / "report"
+    env = {**os.environ, "PYTHONPATH": str(fake.parent)}
+    done = subprocess.run([sys.executable, "-c", bare, "--out", str(out), "--wheels", str(tmp_path / "none")],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == cli.EXIT_FAILED == 1, done.stdout + done.stderr
+    report = json.loads((out / "gpu-check.json").read_text())
+    assert report["status"] == "failed"
+    assert report["message"] == f"torch is not importable (ImportError: no torch on this python): {cli.NO_CUDA}"
+    assert {s["status"] for s in report["steps"].values()} == {"not run"}
+    assert {p["name"]: p["version"] for p in report["packages"]}["pytest"] == pytest.__version__
 
 
 def test_parse_junit_reads_pytests_own_xml_per_test_and_per_file(tmp_path):
@@ -194,7 +254,7 @@ def test_parse_junit_reads_pytests_own_xml_per_test_and_per_file(tmp_path):
     subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--continue-on-collection-errors",
                     "--junitxml", str(xml), "-o", "junit_family=xunit1", "--rootdir", str(tmp_path), str(tmp_path)],
                    capture_output=True, cwd=tmp_path, timeout=120)
-    summary = gpu_check.parse_junit(xml)
+    summary = steps.parse_junit(xml)
     assert summary["counts"] == {"passed": 1, "failed": 1, "skipped": 1, "error": 1}
     assert summary["files"]["test_mix.py"] == {"passed": 1, "failed": 1, "skipped": 1}
     outcomes = {t["id"]: (t["outcome"], t["message"]) for t in summary["tests"]}
@@ -211,7 +271,7 @@ def test_benchmark_figures_are_the_top_level_numbers_and_each_variants_own(tmp_p
                   "stream-prefetch": {"seconds": 0.6, "peak_rss": 10, "timeline": [[0, 1]]},
                   "accelerate-disk": {"error": "CUDA out of memory", "seconds": 1.0}}}
     (tmp_path / "b.json").write_text(json.dumps(report))
-    got = gpu_check.benchmark_figures(tmp_path / "b.json")
+    got = steps.benchmark_figures(tmp_path / "b.json")
     assert got["figures"] == {"dtype": "fp32", "device": "cuda", "weights_bytes": 250_000_000, "bound": 0.5,
                               "bound_terms": {"disk": 0.5, "h2d": 0.1}, "stream_vs_bound": 1.2}
     assert got["variants"] == {"stream-prefetch": {"seconds": 0.6, "peak_rss": 10},
@@ -225,7 +285,7 @@ def test_benchmark_figures_are_the_top_level_numbers_and_each_variants_own(tmp_p
 ])
 def test_bad_command_lines_stop_before_any_work(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as stop:
-        gpu_check.main(["--out", str(tmp_path / "out"), *args])
+        cli.main(["--out", str(tmp_path / "out"), *args])
     assert stop.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not (tmp_path / "x").exists()
 
@@ -233,7 +293,7 @@ def test_bad_command_lines_stop_before_any_work(tmp_path, capsys, args, message)
 def test_an_out_that_is_a_file_is_refused(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     with pytest.raises(SystemExit):
-        gpu_check.main(["--out", str(tmp_path / "file")])
+        cli.main(["--out", str(tmp_path / "file")])
     assert "exists and is not a folder" in capsys.readouterr().err
 
 
