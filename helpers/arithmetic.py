@@ -32,7 +32,8 @@ __all__ = [
 DATA_DIR = Path(__file__).with_name("data")
 # What a CUDA context (driver, kernels, cuBLAS workspaces) takes on the GPU before any tensor, as published:
 # accelerate's "Big Model Inference" guide (https://huggingface.co/docs/accelerate/usage_guides/big_modeling) and,
-# translating it, the 2023 ChatGLM-6B deployment guide quote 1-2 GB, "depending on the GPU". It is *not* in torch.cuda.max_memory_allocated(); nvidia-smi shows it.
+# translating it, the 2023 ChatGLM-6B deployment guide quote 1-2 GB, "depending on the GPU". It is *not* in
+# torch.cuda.max_memory_allocated(); nvidia-smi shows it.
 # This is the figure planned with where nothing was measured: on a CUDA machine, measure it instead with
 # helpers.memory.cuda_context_bytes() (chapter 00) and pass it as estimate(..., context_bytes=...).
 CUDA_CONTEXT_BYTES = 2**30
@@ -82,7 +83,8 @@ class Machine:
 # (nvidia-smi: 15360 MiB), and PyTorch reports "14.75 GiB total capacity" in its out-of-memory messages there.
 _T4_BYTES = int(14.75 * 2**30)
 _T4_SOURCE = ("GPU: NVIDIA T4 datasheet, 16 GB GDDR6 (https://www.nvidia.com/en-us/data-center/tesla-t4/); "
-              "PyTorch's own out-of-memory message on Colab and Kaggle T4s reads '(GPU 0; 14.75 GiB total capacity; ...)', "
+              "PyTorch's own out-of-memory message on Colab and Kaggle T4s reads "
+              "'(GPU 0; 14.75 GiB total capacity; ...)', "
               "e.g. https://github.com/googlecolab/colabtools/issues/3439 (Colab T4, 2023)")
 MACHINES = {
     "colab-free-t4": Machine(

@@ -131,7 +131,8 @@ def score_matrix_bytes(batch: int, heads: int, seq_q: int, seq_k: Optional[int] 
 
 
 def flash_attention_2_supported(capability: tuple[int, int]) -> bool:
-    """Whether a GPU of CUDA compute capability ``(major, minor)`` has FlashAttention-2 kernels (sm_80+). Built in chapter 07."""
+    """Whether a GPU of CUDA compute capability ``(major, minor)`` has FlashAttention-2 kernels (sm_80+).
+    Built in chapter 07."""
     if (not isinstance(capability, tuple) or len(capability) != 2
             or not all(isinstance(x, int) and not isinstance(x, bool) for x in capability)):
         raise ValueError(f"capability {capability!r} must be a (major, minor) tuple of ints, "

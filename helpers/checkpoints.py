@@ -23,8 +23,20 @@ import torch
 
 from .layout import INDEX, LAYERS_FORMAT, LAYERS_INDEX, SINGLE, Codec, LayerIndex, group_blocks, is_tied, weight_map
 from .memory import format_size
-from .tensorfiles import (ST_DTYPES, CheckpointError, Header, cache_key, file_key, manifest_info, read_header,
-                          save_safetensors, staging_dir, why_stale, write_manifest, written_by_helpers)
+from .tensorfiles import (
+    ST_DTYPES,
+    CheckpointError,
+    Header,
+    cache_key,
+    file_key,
+    manifest_info,
+    read_header,
+    save_safetensors,
+    staging_dir,
+    why_stale,
+    write_manifest,
+    written_by_helpers,
+)
 
 __all__ = ["CheckpointError", "TensorInfo", "CheckpointInfo", "read_tensor", "inspect_checkpoint",
            "validate_checkpoint", "split_by_layer"]
@@ -62,7 +74,8 @@ def _entry_problems(header: Header) -> tuple[list[str], set[str]]:
 
 
 def read_tensor(file: PathLike, name: str, header: Optional[Header] = None) -> torch.Tensor:
-    """Read one tensor by hand: a copy-on-write ``np.memmap`` at its offsets, viewed as torch (zero-copy). Built in chapter 03."""
+    """Read one tensor by hand: a copy-on-write ``np.memmap`` at its offsets, viewed as torch (zero-copy).
+    Built in chapter 03."""
     header = read_header(file) if header is None else header
     if name not in header.tensors:
         raise KeyError(f"{name!r} is not a tensor in {header.path}")
@@ -159,7 +172,8 @@ def _listing_name(path: Path) -> str:
 
 
 def validate_checkpoint(path: PathLike, model: torch.nn.Module, *, check_dtype: bool = True) -> CheckpointInfo:
-    """Check a checkpoint against ``model`` (meta is fine) and raise one ``CheckpointError`` listing every problem. Built in chapter 03."""
+    """Check a checkpoint against ``model`` (meta is fine) and raise one ``CheckpointError`` listing every problem.
+    Built in chapter 03."""
     path = Path(path)
     root, names = weight_map(path)  # an unreadable index is a problem we cannot see past
     problems, found = [], {}
@@ -244,7 +258,7 @@ def split_by_layer(path: PathLike, out_dir: PathLike, *, codec: Optional[Codec] 
     if missing:
         raise CheckpointError(root, [f"{m}: shard file is missing" for m in missing])
     key = cache_key(split_of=file_key(*(root / f for f in sorted(set(names.values())))), format=LAYERS_FORMAT,
-                    **({"compression": name} if name else {}))  # plain splits keep their old key
+                    compression=name)
     if out_dir.exists() and any(out_dir.iterdir()):
         problems = why_stale(out_dir, key)
         if not problems:

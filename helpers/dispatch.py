@@ -23,18 +23,26 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Mapping, Optional, Union
 
 import torch
 from torch import nn
 
 from helpers.device_map import validate_device_map
-from helpers.meta import is_inside
 from helpers.hooks import DISK_READS, attach, check_disk_read
 from helpers.layout import weight_map
+from helpers.meta import is_inside
 from helpers.reader import host_copy
-from helpers.tensorfiles import (KEY_FIELD, cache_key, file_key, map_safetensors, read_safetensors, save_safetensors,
-                                 why_stale, written_by_helpers)
+from helpers.tensorfiles import (
+    KEY_FIELD,
+    cache_key,
+    file_key,
+    map_safetensors,
+    read_safetensors,
+    save_safetensors,
+    why_stale,
+    written_by_helpers,
+)
 
 __all__ = ["dispatch", "undispatch", "check_dispatch", "plan", "materialise", "attach",
            "Use", "TensorRef", "Entry", "Plan", "DISK_READS"]
@@ -48,7 +56,8 @@ PathLike = Union[str, Path]
 
 @dataclass(frozen=True)
 class Use:
-    """One place that holds a tensor: attribute ``attr`` of module ``owner``, which the model calls ``name``."""
+    """One place that holds a tensor: attribute ``attr`` of module ``owner``, which the model calls ``name``.
+    Built in chapter 05."""
 
     name: str
     owner: nn.Module = field(repr=False)
@@ -57,7 +66,8 @@ class Use:
 
 @dataclass(eq=False)
 class TensorRef:
-    """One tensor object and every ``Use`` of it (a tied weight has several); it is known by its first use's name."""
+    """One tensor object and every ``Use`` of it (a tied weight has several); it is known by its first use's name.
+    Built in chapter 05."""
 
     uses: list[Use]
     is_parameter: bool
@@ -80,13 +90,14 @@ class TensorRef:
 
 @dataclass(eq=False)
 class Entry:
-    """One ``device_map`` key: its module, where it runs, whether its weights are offloaded, and its tensors."""
+    """One ``device_map`` key: its module, where it runs, whether its weights are offloaded, and its tensors.
+    Built in chapter 05."""
 
     name: str
     module: nn.Module = field(repr=False)
     runs_on: torch.device
     offload: Optional[str]  # None (resident on runs_on), "cpu" (host RAM) or "disk" (a file)
-    tensors: list[Tensor] = field(repr=False)  # every tensor with a use inside the module
+    tensors: list[TensorRef] = field(repr=False)  # every tensor with a use inside the module
     file: Optional[Path] = None  # "disk": its safetensors file
     host: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # "cpu": its weights in host RAM
 
@@ -95,14 +106,14 @@ class Entry:
         return [use for use in tensor.uses if is_inside(use.name, self.name)]
 
     @property
-    def weights(self) -> list[Tensor]:
+    def weights(self) -> list[TensorRef]:
         """What an offloaded entry attaches and detaches: its parameters (its buffers stay where it runs)."""
         return [t for t in self.tensors if t.is_parameter] if self.offload else []
 
 
 @dataclass(eq=False)
 class Plan:
-    """What ``dispatch`` does to a model: its entries in module order, and where they run."""
+    """What ``dispatch`` does to a model: its entries in module order, and where they run. Built in chapter 05."""
 
     model: nn.Module = field(repr=False)
     entries: list[Entry]
@@ -138,10 +149,10 @@ def _unusable(value: Device) -> Optional[str]:
     return None
 
 
-def _tensors(model: nn.Module) -> list[Tensor]:
+def _tensors(model: nn.Module) -> list[TensorRef]:
     """Every tensor of ``model`` once, with all its uses: tied weights are one ``TensorRef`` with several."""
     persistent = set(model.state_dict(keep_vars=True))
-    found: dict[int, Tensor] = {}
+    found: dict[int, TensorRef] = {}
     for is_parameter, named in ((True, model.named_parameters(remove_duplicate=False)),
                                 (False, model.named_buffers(remove_duplicate=False))):
         for name, tensor in named:

@@ -23,12 +23,12 @@ PACKAGES = ("torch", "transformers", "accelerate", "safetensors", "bitsandbytes"
 
 
 def in_colab() -> bool:
-    """True inside Google Colab."""
+    """True inside Google Colab. Built in chapter 00."""
     return "google.colab" in sys.modules or "COLAB_RELEASE_TAG" in os.environ
 
 
 def in_kaggle() -> bool:
-    """True inside a Kaggle notebook."""
+    """True inside a Kaggle notebook. Built in chapter 00."""
     return "KAGGLE_KERNEL_RUN_TYPE" in os.environ
 
 
@@ -41,7 +41,7 @@ def _version(name: str) -> str:
 
 
 def report(path: str | Path = ".") -> dict[str, str]:
-    """Versions, CPU, GPU, RAM and free disk (at ``path``) as a dict of strings."""
+    """Versions, CPU, GPU, RAM and free disk (at ``path``) as a dict of strings. Built in chapter 00."""
     import torch
 
     info = {
@@ -67,14 +67,15 @@ def report(path: str | Path = ".") -> dict[str, str]:
 # --------------------------------------------------------------------------- the first cell of every chapter
 
 class RuntimeVersionError(RuntimeError):
-    """A library in this runtime is missing or older than the book needs."""
+    """A library in this runtime is missing or older than the book needs. Built in chapter 00."""
 
     def _render_traceback_(self) -> list[str]:  # IPython shows this instead of the frames that raised it
         return [f"{type(self).__name__}: {self}"]
 
 
 def requirements() -> list[str]:
-    """The libraries ``helpers`` needs, with their lower bounds, as installed (``pyproject.toml``'s list)."""
+    """The libraries ``helpers`` needs, with their lower bounds, as installed (``pyproject.toml``'s list).
+    Built in chapter 00."""
     from packaging.requirements import Requirement
 
     found = []
@@ -115,6 +116,7 @@ def prepare(*needs: str) -> None:
     work is done. It also switches off the download and "Loading weights" bars of huggingface_hub and
     transformers (``HF_HUB_DISABLE_PROGRESS_BARS``), which would otherwise fill every loading cell;
     the book's own bars stay. accelerate's weight-loading bar has no switch and stays too.
+    Built in chapter 00.
     """
     for line in [*requirements(), *needs]:
         problem = _problem(line)

@@ -29,7 +29,7 @@ from typing import Callable, Mapping, Optional, Protocol, Sequence, Union
 
 import torch
 
-from .tensorfiles import (ST_DTYPES, CheckpointError, Header, read_header, write_json, write_safetensors)
+from .tensorfiles import ST_DTYPES, CheckpointError, Header, read_header, write_json, write_safetensors
 
 __all__ = [
     "INDEX", "SINGLE", "LAYERS_INDEX", "LAYERS_FORMAT", "INPUT_BLOCKS", "TOKEN_TABLES", "HEAD",
@@ -235,11 +235,11 @@ def read_layer_index(directory: PathLike) -> LayerIndex:
         raw = json.loads(path.read_text())
         if raw.get("format") != LAYERS_FORMAT:
             raise ValueError(f"format {raw.get('format')!r}; expected {LAYERS_FORMAT!r}")
-        compression = raw.get("compression")
+        compression = raw["compression"]
         if compression is not None and not (isinstance(compression, str) and compression):
             raise ValueError(f"compression {compression!r}; expected null or a codec's name")
-        index = LayerIndex(list(raw["blocks"]), dict(raw["files"]), dict(raw.get("tied", {})),
-                           dict(raw["bytes"]), compression)
+        index = LayerIndex(list(raw["blocks"]), dict(raw["files"]), dict(raw["tied"]), dict(raw["bytes"]),
+                           compression)
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(path, [f"{path.name}: not a layer index helpers can read ({e})"]) from None
     orphans = [b for b in index.blocks if b not in index.files and index.tied_source(b) is None]
@@ -252,7 +252,8 @@ def read_layer_index(directory: PathLike) -> LayerIndex:
 
 @dataclass(frozen=True)
 class Piece:
-    """A contiguous byte range of one file holding some of a block's tensors: what one read (or map) fetches."""
+    """A contiguous byte range of one file holding some of a block's tensors: what one read (or map) fetches.
+    Built in chapter 08."""
 
     path: Path
     start: int  # from the file's first byte
@@ -312,6 +313,7 @@ class BlockLayout:
     ``pieces[block]``: the byte ranges to read for it, each with its tensors' names inside the block
     (``self_attn.q_proj.weight``); a tied ``lm_head`` reads the embedding's table as ``weight``.
     ``compression``: the codec a split stores its linear weights with (None for a checkpoint).
+    Built in chapter 08.
     """
 
     root: Path

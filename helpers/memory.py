@@ -54,6 +54,7 @@ def parse_size(size: Union[int, str]) -> int:
 
     Raises ``ValueError`` naming the value for anything else (negative numbers,
     unknown units, words).
+    Built in chapter 00.
     """
     if isinstance(size, bool) or not isinstance(size, (int, str)):
         raise ValueError(f"size {size!r} must be an int of bytes or a string like '10GiB' or '500MB'")
@@ -78,6 +79,7 @@ def format_size(n_bytes: Union[int, float], binary: bool = True, precision: int 
     """Format a byte count for people: ``format_size(2**29) == '512.0 MiB'``.
 
     ``binary=False`` uses powers of 10 (kB, MB, GB) as disk makers and model cards do.
+    Built in chapter 00.
     """
     if isinstance(n_bytes, bool) or not isinstance(n_bytes, (int, float)) or math.isnan(n_bytes):
         raise ValueError(f"n_bytes {n_bytes!r} must be a number of bytes")
@@ -103,7 +105,7 @@ def _read_status_kib(key: str) -> Optional[int]:
 
 
 def rss_bytes() -> int:
-    """Resident set size of this process now, in bytes."""
+    """Resident set size of this process now, in bytes. Built in chapter 00."""
     return _read_status_kib("VmRSS") or psutil.Process().memory_info().rss
 
 
@@ -114,6 +116,7 @@ def rss_split() -> Optional[dict]:
     files mapped into it (a memory-mapped checkpoint, libraries), which the kernel can drop and re-read;
     ``shmem`` (``RssShmem``) is shared memory. They add up to RSS. ``None`` where the OS does not report them
     (macOS, Windows, Linux before 4.5).
+    Built in chapter 00.
     """
     try:
         text = _STATUS.read_text()
@@ -171,6 +174,7 @@ def release_on_free(threshold: int = 64 * 1024) -> bool:
     process from now on: allocations of ``threshold`` bytes or more get mappings of their own, returned on
     ``free`` (blocks the allocator already holds are still reused first; ``flush()`` gives their pages back).
     Returns True when set; False where the C library is not glibc, and nothing changes there.
+    Built in chapter 00.
     """
     if isinstance(threshold, bool) or not isinstance(threshold, int) or not 0 < threshold <= _MMAP_THRESHOLD_MAX:
         raise ValueError(f"threshold {threshold!r} must be an int of bytes in (0, {_MMAP_THRESHOLD_MAX}]")
@@ -179,7 +183,7 @@ def release_on_free(threshold: int = 64 * 1024) -> bool:
 
 
 def flush() -> None:
-    """Give freed memory back: collect garbage, trim the C heap, empty the CUDA cache."""
+    """Give freed memory back: collect garbage, trim the C heap, empty the CUDA cache. Built in chapter 00."""
     gc.collect()
     libc = _glibc()
     if libc is not None:  # glibc keeps freed pages in its arenas until asked to return them
@@ -193,7 +197,7 @@ def flush() -> None:
 
 @dataclass
 class Measurement:
-    """What ``measure()`` saw: peaks above the level at entry, and wall time."""
+    """What ``measure()`` saw: peaks above the level at entry, and wall time. Built in chapter 00."""
 
     cpu_peak_bytes: int = 0
     cuda_peak_bytes: Optional[int] = None
@@ -228,6 +232,7 @@ class measure:
     memory freed by earlier cells does not hide the block's own cost.
     ``method``: ``"auto"`` uses the kernel's resettable peak counter (``VmHWM``, Linux) when there is one and
     otherwise samples RSS every ``sample_interval`` seconds in a thread; ``"sampling"`` always samples.
+    Built in chapter 00.
     """
 
     def __init__(self, flush_first: bool = True, sample_interval: float = 0.001, method: str = "auto"):

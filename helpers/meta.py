@@ -54,7 +54,8 @@ def tied_parameters(model: nn.Module) -> list[list[str]]:
 
 
 def tensor_devices(model: nn.Module, *, buffers: bool = True) -> dict[str, int]:
-    """How many parameters (and buffers) sit on each device type, e.g. ``{"meta": 272, "cpu": 1}``. Built in chapter 01."""
+    """How many parameters (and buffers) sit on each device type, e.g. ``{"meta": 272, "cpu": 1}``.
+    Built in chapter 01."""
     model = _check_module(model)
     tensors = [p for _, p in model.named_parameters()]
     if buffers:
@@ -88,7 +89,8 @@ def parse_dtype(value) -> torch.dtype:
 
 @dataclass(frozen=True)
 class Registration:
-    """One parameter being attached to a module: which module class, which name, on which device."""
+    """One parameter being attached to a module: which module class, which name, on which device.
+    Built in chapter 01."""
 
     module: str
     name: str

@@ -20,8 +20,8 @@ from typing import Mapping, Optional, Union
 
 import torch
 
-from .memory import parse_size
 from .layout import save_sharded
+from .memory import parse_size
 from .tensorfiles import cache_key, staging_dir, why_stale, write_manifest, written_by_helpers
 
 __all__ = [
@@ -37,11 +37,12 @@ BOOK_MODEL_LAYOUT = 3  # bump when the files book_model_dir() writes change; old
 
 
 class CheckpointCacheError(RuntimeError):
-    """A cached checkpoint directory that helpers cannot trust or repair."""
+    """A cached checkpoint directory that helpers cannot trust or repair. Built in chapter 00."""
 
 
 def cache_dir() -> Path:
-    """Where converted checkpoints live: ``$BOOK_CACHE_DIR``, else ``~/.cache/bigger-than-memory``."""
+    """Where converted checkpoints live: ``$BOOK_CACHE_DIR``, else ``~/.cache/bigger-than-memory``.
+    Built in chapter 00."""
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
@@ -97,6 +98,7 @@ def book_model_dir(*, rebuild: bool = False) -> Path:
     later calls only check the cached files against the manifest and return. A cache
     directory that is incomplete or damaged is rebuilt; one that helpers did not write is
     left alone and reported.
+    Built in chapter 00.
     """
     target = cache_dir() / "smollm2-135m-instruct-fp16"
     source = _book_model_source()
@@ -122,7 +124,8 @@ def book_model_dir(*, rebuild: bool = False) -> Path:
 
 def load_book_model(dtype: torch.dtype = torch.float32, device: Union[str, torch.device, None] = None,
                     **kwargs):
-    """``(model, tokenizer)`` for the book model, in eval mode, loaded from ``book_model_dir()``."""
+    """``(model, tokenizer)`` for the book model, in eval mode, loaded from ``book_model_dir()``.
+    Built in chapter 00."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = book_model_dir()
@@ -134,7 +137,7 @@ def load_book_model(dtype: torch.dtype = torch.float32, device: Union[str, torch
 
 
 def chat(model, tokenizer, question: str, max_new_tokens: int = 32) -> str:
-    """Greedy answer of a chat model to one user message (the prompt uses the chat template)."""
+    """Greedy answer of a chat model to one user message (the prompt uses the chat template). Built in chapter 00."""
     messages = [{"role": "user", "content": question}]
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                            return_tensors="pt", return_dict=True)
@@ -200,6 +203,7 @@ def synthetic_llama(path: Union[str, Path], config, *, seed: int = 0, dtype: tor
     Tensors are generated and written one at a time, so peak RAM is about one tensor whatever the
     model's size. Deterministic for a ``seed``. Idempotent: if ``path`` already holds the same synthetic
     model it is returned as is; any other existing ``path`` is an error.
+    Built in chapter 00.
     """
     from tqdm.auto import tqdm
 

@@ -51,13 +51,15 @@ def nf4_levels() -> torch.Tensor:
 
 
 def fp4_levels() -> torch.Tensor:
-    """The 16 values of bitsandbytes' FP4 (1 sign, 2 exponent, 1 mantissa bit), sorted, in [-1, 1]. Built in chapter 06."""
+    """The 16 values of bitsandbytes' FP4 (1 sign, 2 exponent, 1 mantissa bit), sorted, in [-1, 1].
+    Built in chapter 06."""
     magnitudes = torch.tensor([0.0, 0.0625, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0]) / 12.0
     return torch.cat([-magnitudes, magnitudes]).sort().values  # 0 appears twice: +0 and -0
 
 
 def dynamic_map() -> torch.Tensor:
-    """bitsandbytes' signed 8-bit "dynamic" code (256 values in [-1, 1]) used for double quantization. Built in chapter 06."""
+    """bitsandbytes' signed 8-bit "dynamic" code (256 values in [-1, 1]) used for double quantization.
+    Built in chapter 06."""
     values = [0.0, 1.0]
     for i in range(7):  # decades 1e-6 .. 1e0, each with twice the fraction steps of the one before
         edges = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
@@ -80,7 +82,8 @@ def _check_weight(w: torch.Tensor, ndim: Optional[int] = None) -> None:
 
 @dataclass
 class RowwiseInt8:
-    """An int8 matrix and one float32 absmax per row (bitsandbytes calls them ``CB`` and ``SCB``)."""
+    """An int8 matrix and one float32 absmax per row (bitsandbytes calls them ``CB`` and ``SCB``).
+    Built in chapter 06."""
 
     q: torch.Tensor       # int8, (out_features, in_features)
     absmax: torch.Tensor  # float32, (out_features,)
@@ -151,7 +154,7 @@ def dequantize_blocks(codes: torch.Tensor, absmax: torch.Tensor, blocksize: int,
 
 @dataclass
 class Blockwise4bit:
-    """Packed 4-bit codes plus the block scales (float32, or 8-bit codes when double-quantized)."""
+    """Packed 4-bit codes plus the block scales (float32, or 8-bit codes when double-quantized). Built in chapter 06."""
 
     packed: torch.Tensor    # uint8, two codes per byte, first code in the high nibble
     absmax: torch.Tensor    # float32 per block, or uint8 codes into dynamic_map() if nested
@@ -177,7 +180,8 @@ class Blockwise4bit:
 
     @property
     def nbytes(self) -> int:
-        parts = [self.packed, self.absmax] + ([self.nested_absmax, self.offset] if self.nested_absmax is not None else [])
+        nested = [self.nested_absmax, self.offset] if self.nested_absmax is not None else []
+        parts = [self.packed, self.absmax, *nested]
         return sum(t.numel() * t.element_size() for t in parts)
 
     @property

@@ -28,7 +28,6 @@ used. It owns:
 from __future__ import annotations
 
 import errno
-import mmap
 import os
 import threading
 import time
@@ -55,7 +54,7 @@ Device = Union[str, torch.device]
 
 @dataclass
 class Loaded:
-    """One block's tensors, read and on the device (or on their way there, behind ``event``)."""
+    """One block's tensors, read and on the device (or on their way there, behind ``event``). Built in chapter 08."""
 
     state: dict[str, torch.Tensor] = field(repr=False)  # name inside the block -> tensor
     bytes: int  # bytes read from disk for it (the looked-up rows' pages, for a lookup table on the CPU)

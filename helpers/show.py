@@ -11,7 +11,8 @@ __all__ = ["Source", "show"]
 
 
 class Source:
-    """Source text that renders as highlighted Python in HTML (notebook, book) and as itself in plain text."""
+    """Source text that renders as highlighted Python in HTML (notebook, book) and as itself in plain text.
+    Built in chapter 00."""
 
     def __init__(self, text: str, title: str):
         self.text, self.title = text, title
@@ -41,6 +42,7 @@ def show(obj, *needles: str) -> Source:
 
     Lines left out are marked ``...``, so an excerpt never reads as the whole. Raises ``ValueError`` when a
     needle matches nothing: a version of a library that changed the line shows up as an error, not as silence.
+    Built in chapter 00.
     """
     name = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None) or type(obj).__name__
     if getattr(obj, "__module__", None) and not inspect.ismodule(obj):
@@ -59,7 +61,7 @@ def show(obj, *needles: str) -> Source:
     keep = [i for i, line in enumerate(lines) if any(n in line for n in needles)]
     out, previous = [], None
     for i in keep:
-        if previous is None or i > previous + 1:
+        if i > (-1 if previous is None else previous) + 1:  # lines left out before this one
             out.append("...")
         out.append(lines[i].rstrip("\n"))
         previous = i

@@ -53,7 +53,7 @@ KEY_FIELD = "helpers_key"  # in a safetensors file helpers wrote: its key, in th
 
 
 class CheckpointError(ValueError):
-    """Everything wrong with a checkpoint or tensor file, one problem per line (``.problems``)."""
+    """Everything wrong with a checkpoint or tensor file, one problem per line (``.problems``). Built in chapter 03."""
 
     def __init__(self, where: PathLike, problems: Sequence[str]):
         self.path, self.problems = Path(where), list(problems)
@@ -65,7 +65,8 @@ class CheckpointError(ValueError):
 
 @dataclass(frozen=True)
 class Header:
-    """A safetensors file's header: where its data starts, each tensor's entry, and its metadata."""
+    """A safetensors file's header: where its data starts, each tensor's entry, and its metadata.
+    Built in chapter 03."""
 
     path: Path
     data_start: int  # 8 + the JSON's length
@@ -75,7 +76,8 @@ class Header:
 
 
 def read_header(path: PathLike) -> Header:
-    """Parse a safetensors header: the 8-byte length prefix, checked against the file, then that much JSON."""
+    """Parse a safetensors header: the 8-byte length prefix, checked against the file, then that much JSON.
+    Built in chapter 03."""
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -85,7 +87,8 @@ def read_header(path: PathLike) -> Header:
         n = int.from_bytes(prefix, "little")
         if n > min(size - 8, MAX_HEADER):
             raise CheckpointError(path, [f"{path.name}: bad length prefix: header of {n:,} bytes announced, but the "
-                                         f"file has {size - 8:,} bytes after the prefix (and the limit is {MAX_HEADER:,})"])
+                                         f"file has {size - 8:,} bytes after the prefix "
+                                         f"(and the limit is {MAX_HEADER:,})"])
         raw = f.read(n)
     try:
         header = json.loads(raw)
@@ -98,7 +101,8 @@ def read_header(path: PathLike) -> Header:
 
 
 def tensor_views(header: Header, data: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The tensors ``header`` describes, as views of ``data`` (the file's data bytes, uint8): nothing is copied."""
+    """The tensors ``header`` describes, as views of ``data`` (the file's data bytes, uint8): nothing is copied.
+    Built in chapter 03."""
     tensors = {}
     for name, info in header.tensors.items():
         start, end = info["data_offsets"]
@@ -127,6 +131,7 @@ def read_range(path: PathLike, start: int, length: int, buffer: Optional[torch.T
     ``buffer`` is reused when it has at least ``length`` bytes (a slice of a bigger buffer is fine); otherwise a
     new one is allocated, in pinned memory with ``pin=True`` (so that a copy to the GPU can run asynchronously).
     ``readinto`` releases the GIL: a read on a background thread overlaps compute on the main one.
+    Built in chapter 05.
     """
     path = Path(path)
     with open(path, "rb", buffering=0) as f:
@@ -152,6 +157,7 @@ def read_safetensors(path: PathLike, buffer: Optional[torch.Tensor] = None, *,
     ``pin=True`` allocates a new buffer in pinned memory, so that a copy to the GPU can run asynchronously.
     ``readinto`` releases the GIL: a read on a background thread overlaps compute on the main one.
     The file's data region through ``read_range``.
+    Built in chapter 05.
     """
     header = read_header(path)
     data, buffer = read_range(header.path, header.data_start, header.data_bytes, buffer, pin=pin)
@@ -189,6 +195,7 @@ def map_range(path: PathLike, start: int = 0, length: Optional[int] = None, *,
     ``populate=False`` reads a page only when it is first touched, with no read-ahead around it (see
     ``touch_rows``). The mapping is released with the last tensor that views it. A range past the end of the
     file is a ``CheckpointError`` (touching it would kill the process with SIGBUS).
+    Built in chapter 08.
     """
     path = Path(path)
     with open(path, "rb") as f:
@@ -215,6 +222,7 @@ def map_safetensors(path: PathLike, *, populate: bool = True) -> tuple[dict[str,
     ``populate=True`` reads the whole file in before returning; ``populate=False`` reads a page only when it
     is first touched, with no read-ahead around it (see ``touch_rows``). The mapping is released with the
     last tensor. The whole file through ``map_range``.
+    Built in chapter 05.
     """
     header = read_header(path)
     data = map_range(header.path, 0, header.data_start + header.data_bytes, populate=populate)
@@ -222,7 +230,8 @@ def map_safetensors(path: PathLike, *, populate: bool = True) -> tuple[dict[str,
 
 
 def touch_rows(tensors: Mapping[str, torch.Tensor], rows: torch.Tensor) -> int:
-    """Fault in only ``rows`` of each lazily mapped table; returns the bytes of the pages that reads."""
+    """Fault in only ``rows`` of each lazily mapped table; returns the bytes of the pages that reads.
+    Built in chapter 08."""
     pages: set[int] = set()
     for t in tensors.values():
         t.index_select(0, rows)  # the lookup itself: the kernel reads those pages, and only those
@@ -237,6 +246,7 @@ def drop_page_cache(*paths: PathLike) -> int:
     """Drop the cached pages of these files (or of every file under these folders); returns how many files.
 
     The next read of them then comes from the disk, which is how a benchmark measures a cold read (Linux).
+    Built in chapter 05.
     """
     if not hasattr(os, "posix_fadvise"):
         raise OSError("drop_page_cache needs os.posix_fadvise (Linux); this platform cannot drop cached pages")
@@ -260,6 +270,7 @@ def drop_page_range(path: PathLike, start: int, length: int) -> None:
     neighbouring block goes too; the next read of it comes from the disk either way. Unlike
     ``drop_page_cache`` there is no ``fdatasync`` first: these are files we only read (checkpoint shards), with
     no dirty pages of ours to write; a page someone else dirtied is simply kept (Linux).
+    Built in chapter 08.
     """
     if not hasattr(os, "posix_fadvise"):
         raise OSError("drop_page_range needs os.posix_fadvise (Linux); this platform cannot drop cached pages")
@@ -285,7 +296,8 @@ def _fsync_dir(directory: Path) -> None:
 
 @contextmanager
 def atomic_file(path: PathLike) -> Iterator[Path]:
-    """``with atomic_file(p) as tmp:`` write ``tmp``; on success it is fsynced and renamed to ``p``, else removed."""
+    """``with atomic_file(p) as tmp:`` write ``tmp``; on success it is fsynced and renamed to ``p``, else removed.
+    Built in chapter 03."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -301,7 +313,7 @@ def atomic_file(path: PathLike) -> Iterator[Path]:
 
 
 def write_json(path: PathLike, obj) -> None:
-    """Write ``obj`` as indented JSON, atomically."""
+    """Write ``obj`` as indented JSON, atomically. Built in chapter 03."""
     with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=1))
 
@@ -315,6 +327,7 @@ def write_safetensors(path: PathLike, specs: Sequence[tuple[str, Sequence[int], 
     so only one tensor need exist at a time (a model bigger than RAM is written with one tensor of memory).
     Tensors keep their order, largest element size first when dtypes mix (every tensor stays aligned);
     the header is padded so that the data starts 8-byte aligned. ``bar``: a tqdm bar advanced by bytes.
+    Built in chapter 03.
     """
     specs = sorted(specs, key=lambda s: -s[2].itemsize)  # stable: the given order within a dtype size
     header, offset = {}, 0
@@ -345,7 +358,7 @@ def write_safetensors(path: PathLike, specs: Sequence[tuple[str, Sequence[int], 
 
 def save_safetensors(path: PathLike, tensors: Mapping[str, torch.Tensor], *,
                      metadata: Optional[Mapping[str, str]] = None) -> int:
-    """Write a dict of tensors as one safetensors file, atomically; returns its data bytes."""
+    """Write a dict of tensors as one safetensors file, atomically; returns its data bytes. Built in chapter 03."""
     return write_safetensors(path, [(k, t.shape, t.dtype) for k, t in tensors.items()], tensors.__getitem__,
                              metadata=metadata)
 
@@ -357,6 +370,7 @@ def staging_dir(target: PathLike) -> Iterator[Path]:
     ``tmp`` is a fresh folder beside ``target``. On success every file in it is fsynced and the folder is
     renamed to ``target``, which must not exist (or be empty); if another process published ``target`` first
     with a manifest, theirs is kept. On failure ``tmp`` is removed. ``target`` is never half-written.
+    Built in chapter 03.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -383,17 +397,20 @@ def staging_dir(target: PathLike) -> Iterator[Path]:
 # --------------------------------------------------------------------------- trusting what was written before
 
 def file_key(*paths: PathLike) -> list:
-    """What identifies source files for a cache key: each one's name, size and modification time."""
+    """What identifies source files for a cache key: each one's name, size and modification time.
+    Built in chapter 03."""
     return [[str(Path(p).resolve()), Path(p).stat().st_size, Path(p).stat().st_mtime_ns] for p in paths]
 
 
 def cache_key(**inputs) -> str:
-    """A key for an output made from ``inputs`` (JSON-able values; use ``file_key`` for source files)."""
+    """A key for an output made from ``inputs`` (JSON-able values; use ``file_key`` for source files).
+    Built in chapter 03."""
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def write_manifest(directory: PathLike, key: str, **info) -> None:
-    """Mark a folder as written by helpers from ``key``: every file's size, written last and atomically."""
+    """Mark a folder as written by helpers from ``key``: every file's size, written last and atomically.
+    Built in chapter 03."""
     directory = Path(directory)
     files = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
     write_json(directory / MANIFEST, {"key": key, "info": info, "files": files})
@@ -408,13 +425,15 @@ def _manifest(directory: Path) -> Optional[dict]:
 
 
 def manifest_info(directory: PathLike) -> dict:
-    """What ``write_manifest`` recorded about a folder beside its key (``{}`` for a folder without a manifest)."""
+    """What ``write_manifest`` recorded about a folder beside its key (``{}`` for a folder without a manifest).
+    Built in chapter 03."""
     info = (_manifest(Path(directory)) or {}).get("info")
     return info if isinstance(info, dict) else {}
 
 
 def written_by_helpers(path: PathLike) -> bool:
-    """True for a folder with helpers' manifest, or a safetensors file whose metadata carries a helpers key."""
+    """True for a folder with helpers' manifest, or a safetensors file whose metadata carries a helpers key.
+    Built in chapter 03."""
     path = Path(path)
     if path.is_dir():
         return _manifest(path) is not None
@@ -429,6 +448,7 @@ def why_stale(path: PathLike, key: str) -> list[str]:
 
     Reusable means: written by helpers, from the same key, and complete (every file of a folder's manifest
     present with its size and, for safetensors files, data that fills the file exactly).
+    Built in chapter 03.
     """
     path = Path(path)
     if not path.exists():

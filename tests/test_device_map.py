@@ -9,8 +9,14 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from helpers.device_map import (balanced_memory, clean_device_map, fill_devices, module_sizes, plan_device_map,
-                                validate_device_map)
+from helpers.device_map import (
+    balanced_memory,
+    clean_device_map,
+    fill_devices,
+    module_sizes,
+    plan_device_map,
+    validate_device_map,
+)
 from helpers.meta import tied_parameters
 
 logging.getLogger("accelerate").setLevel(logging.ERROR)  # "Device 0 is not available": we plan on paper
@@ -118,7 +124,8 @@ def models(draw):
         with torch.device("meta"):
             model.add_module("lm_head", nn.Linear(4, 4, bias=False))
         model.lm_head.weight = draw(st.sampled_from(weights)).weight
-    for a, b in draw(st.lists(st.tuples(st.sampled_from(weights), st.sampled_from(weights)), max_size=2)) if weights else []:
+    pairs = st.lists(st.tuples(st.sampled_from(weights), st.sampled_from(weights)), max_size=2) if weights else None
+    for a, b in draw(pairs) if weights else []:
         b.weight = a.weight
     return model
 
@@ -164,7 +171,8 @@ def test_plan_equals_accelerate(data):
     validate_device_map(model, ours, no_split_module_classes=no_split)  # a plan passes its own check
     event(f"devices used: {len(set(ours.values()))}")  # pytest --hypothesis-show-statistics
     event("tied weights" if tied_parameters(model) else "no ties")
-    event("offloads" if {"cpu", "disk"} & set(ours.values()) and set(ours.values()) - {"cpu", "disk"} else "no offload from a GPU")
+    placed = set(ours.values())
+    event("offloads" if {"cpu", "disk"} & placed and placed - {"cpu", "disk"} else "no offload from a GPU")
 
 
 # ----------------------------------------------------------------------------- plain unit tests
@@ -214,7 +222,8 @@ def test_everything_fits_on_gpu0_collapses_to_one_key():
 def test_no_split_blocks_stay_whole_and_ties_land_together():
     model = small_lm(layers=6)
     total = module_sizes(model)[""]
-    plan = plan_device_map(model, {0: total // 2, "cpu": total}, no_split_module_classes=["Block"], strategy="sequential")
+    plan = plan_device_map(model, {0: total // 2, "cpu": total}, no_split_module_classes=["Block"],
+                           strategy="sequential")
     assert not any(key.count(".") > 1 for key in plan if key.startswith("layers.")), plan
     assert plan.get("head", plan.get("")) == plan.get("embed", plan.get(""))
     assert set(plan.values()) == {0, "cpu"}

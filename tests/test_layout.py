@@ -14,7 +14,6 @@ from helpers import layout as lo
 from helpers import tensorfiles as tf
 from helpers.tensorfiles import CheckpointError
 
-
 # --------------------------------------------------------------------------- naming and the split rule
 
 @pytest.mark.parametrize("name,block", [
@@ -52,7 +51,8 @@ def test_group_blocks_is_the_split_rule():
                                         "a": {"model.layers.1.input_layernorm.weight": "input_layernorm.weight"}}
     tied = lo.group_blocks(names, tied=True)  # the head reads the embedding's table; its stored copy is left out
     assert list(tied) == list(untied) and tied["lm_head"] == {"a": {"model.embed_tokens.weight": "weight"}}
-    assert lo.is_tied([n for n in names if n != "lm_head.weight"], {}) and lo.is_tied(names, {"tie_word_embeddings": True})
+    assert lo.is_tied([n for n in names if n != "lm_head.weight"], {})
+    assert lo.is_tied(names, {"tie_word_embeddings": True})
     assert not lo.is_tied(names, {"tie_word_embeddings": False})
     with pytest.raises(ValueError, match="no tensor is a token embedding's table"):
         lo.group_blocks({"model.norm.weight": "a"}, tied=True)
@@ -124,9 +124,10 @@ def test_read_layer_index_reads_the_compression(tmp_path):
     index.write(tmp_path)
     assert lo.read_layer_index(tmp_path) == index and lo.read_layer_index(tmp_path).compression == "nf4"
     raw = json.loads((tmp_path / lo.LAYERS_INDEX).read_text())
-    del raw["compression"]  # a split written before compression existed
+    del raw["compression"]  # every index helpers writes says what stored it, null included
     (tmp_path / lo.LAYERS_INDEX).write_text(json.dumps(raw))
-    assert lo.read_layer_index(tmp_path).compression is None
+    with pytest.raises(CheckpointError, match="not a layer index helpers can read \\('compression'\\)"):
+        lo.read_layer_index(tmp_path)
     (tmp_path / lo.LAYERS_INDEX).write_text(json.dumps({**raw, "compression": "zip"}))
     assert lo.read_layer_index(tmp_path).compression == "zip"  # a name; which names exist is helpers.quant's
     with pytest.raises(ValueError, match="compression 'zip'; expected one of None, 'int8', 'nf4'"):
@@ -174,7 +175,8 @@ def test_block_layout_of_a_checkpoint_is_its_splits(tmp_path, tiny_llama_config)
     assert max(len(ours.pieces[b]) for b in ours.blocks) > 1 and all(len(theirs.pieces[b]) == 1 for b in theirs.blocks)
     for block in ours.blocks:
         assert ours.bytes(block) == theirs.bytes(block)  # every range holds only the block's tensors
-        names = lambda layout: {k: v[:2] for p in layout.pieces[block] for k, v in p.tensors.items()}  # noqa: E731
+        names = lambda layout, block=block: {k: v[:2] for p in layout.pieces[block]  # noqa: E731
+                                             for k, v in p.tensors.items()}
         assert names(ours) == names(theirs)  # the same names in the block, dtypes and shapes
     assert list(ours.pieces["lm_head"][0].tensors) == ["weight"]  # tied: the embedding's table, as lm_head's weight
     assert ours.pieces["lm_head"] == ours.pieces["model.embed_tokens"]

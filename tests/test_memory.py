@@ -14,7 +14,8 @@ def test_parse_size_agrees_with_accelerate(text):
 
 
 @pytest.mark.parametrize("text, expected", [
-    (1024, 1024), ("1024", 1024), ("1024B", 1024), ("10 GB", 10 * 10**9), ("1TiB", 2**40), ("2TB", 2 * 10**12), ("8Gb", 10**9), (0, 0),
+    (1024, 1024), ("1024", 1024), ("1024B", 1024), ("10 GB", 10 * 10**9), ("1TiB", 2**40), ("2TB", 2 * 10**12),
+    ("8Gb", 10**9), (0, 0),
 ])
 def test_parse_size_extras(text, expected):
     assert parse_size(text) == expected
@@ -117,7 +118,8 @@ print(max(kept[1:]))
 
 @pytest.mark.parametrize("mode", ["default", "release"])
 def test_release_on_free_returns_freed_tensors_at_once(run_python, mode):
-    """In a fresh process: by default glibc keeps a freed 8 MiB tensor for reuse; after release_on_free() it does not."""
+    """In a fresh process: by default glibc keeps a freed 8 MiB tensor for reuse; after release_on_free() it does
+    not."""
     out = run_python(_FREE_LOOP, mode)
     if out.strip() == "not glibc":
         pytest.skip("the C library is not glibc")

@@ -8,8 +8,16 @@ from accelerate import init_empty_weights
 from accelerate.utils import find_tied_parameters
 from torch import nn
 
-from helpers.meta import (count_parameters, functions_called, is_inside, parameter_bytes, parse_dtype,
-                          record_parameter_registrations, tensor_devices, tied_parameters)
+from helpers.meta import (
+    count_parameters,
+    functions_called,
+    is_inside,
+    parameter_bytes,
+    parse_dtype,
+    record_parameter_registrations,
+    tensor_devices,
+    tied_parameters,
+)
 
 
 class TiedLM(nn.Module):

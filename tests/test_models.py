@@ -10,8 +10,8 @@ from transformers import LlamaConfig
 
 import helpers.models as models
 from helpers.layout import pack_shards, shard_name
-from helpers.tensorfiles import MANIFEST
 from helpers.memory import format_size
+from helpers.tensorfiles import MANIFEST
 
 TINY = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
             num_key_value_heads=2, vocab_size=4096, max_position_embeddings=512)
@@ -40,7 +40,8 @@ def test_book_model_layout_is_helpers_own(book_dir):
             specs += [(name, f.get_slice(name).get_shape()) for name in f.keys()]
     order = list(index["weight_map"])  # the index lists tensors in the order they were written
     shapes = dict(specs)
-    packed = pack_shards([(n, shapes[n], torch.float16) for n in order], models.parse_size(models.BOOK_MODEL_SHARD_SIZE))
+    packed = pack_shards([(n, shapes[n], torch.float16) for n in order],
+                         models.parse_size(models.BOOK_MODEL_SHARD_SIZE))
     expected = {name: shard_name(i, len(packed)) for i, shard in enumerate(packed, 1) for name, _, _ in shard}
     assert index["weight_map"] == expected
     assert order[0] == "model.embed_tokens.weight" and "lm_head.weight" not in order  # tied: stored once

@@ -161,4 +161,4 @@ def test_every_chapter_starts_with_the_install_and_version_check():
     for chapter, first in _first_cells().items():
         assert 'REPO = os.environ.get("BOOK_REPO"' in first, chapter
         assert "returncode != 0" in first and "raise RuntimeError" in first, chapter  # failed installs stop
-        assert "from helpers.environment import prepare\nprepare(" in first, chapter
+        assert "from helpers.environment import prepare\n\nprepare(" in first, chapter

@@ -276,7 +276,8 @@ def test_compress_state_follows_the_contract(tiny_llama_config, compression):
         else:
             assert stored[name + ".packed"].dtype == torch.uint8 and stored[name + ".packed"].shape == (rows, cols // 2)
         absmax = stored[name + ".absmax"]
-        assert absmax.dtype == torch.float32 and absmax.shape == ((rows,) if compression == "int8" else (rows * cols // 64,))
+        assert absmax.dtype == torch.float32
+        assert absmax.shape == ((rows,) if compression == "int8" else (rows * cols // 64,))
     assert len(stored) == len(state) + len(linear)
     specs = Q.codec(compression).specs([(k, tuple(t.shape), t.dtype) for k, t in state.items()])
     assert specs == [(k, tuple(t.shape), t.dtype) for k, t in stored.items()]
@@ -355,7 +356,8 @@ def test_compressed_book_model_quality(book_model, held_out_ids, compression):
     tied = reference.config.tie_word_embeddings
     state = {k: v for k, v in reference.state_dict().items() if not (tied and k == "lm_head.weight")}
     model, _ = load_book_model()
-    result = model.load_state_dict(Q.codec(compression).decompress(Q.codec(compression).compress(state), torch.float32), strict=False)
+    codec = Q.codec(compression)
+    result = model.load_state_dict(codec.decompress(codec.compress(state), torch.float32), strict=False)
     assert result.unexpected_keys == [] and result.missing_keys == (["lm_head.weight"] if tied else [])
     ids = held_out_ids.unsqueeze(0)
     with torch.inference_mode():

@@ -134,7 +134,7 @@ def test_prefetch_on_and_off_identical(layer_dir, streamer):
 def test_bytes_per_pass_needs_a_pass(layer_dir):
     with LayerStreamer(layer_dir, device="cpu", progress=False) as fresh:
         with pytest.raises(RuntimeError, match="no pass has run yet"):
-            fresh.bytes_per_pass
+            _ = fresh.bytes_per_pass
 
 
 def test_greedy_generation_identical(book_model, streamer):
@@ -570,8 +570,8 @@ def single_file_copy(checkpoint, out):
 def test_in_place_equals_split_and_in_memory(tmp_path, tiny_llama_config, tied):
     from transformers import AutoModelForCausalLM
 
-    from helpers.models import synthetic_llama
     from helpers.layout import block_layout
+    from helpers.models import synthetic_llama
 
     # shards of about 40 KB: a decoder layer (about 150 KB in fp32) straddles several of them
     checkpoint = synthetic_llama(tmp_path / "sharded", tiny_llama_config(tie_word_embeddings=tied),
@@ -691,7 +691,7 @@ def dequantized_model(model, compression):
 
     model = copy.deepcopy(model)
     with torch.no_grad():
-        for name, module in model.named_modules():
+        for module in model.modules():
             if isinstance(module, torch.nn.Linear):
                 w = module.weight
                 q = quantize_int8(w) if compression == "int8" else quantize_4bit(w, "nf4", 64)

@@ -6,7 +6,7 @@ through it, release it, while the next block is read. Everything else is a piece
 * a *source* (``BlockSource``): what to read and from where (``helpers.layout``), read by a
   ``helpers.reader.BlockReader``, decompressed by a codec and converted to the compute dtype on the way;
 * ``Resident``, a policy over a source: blocks that stay on the device after their first read;
-* observers (``Timeline``, ``Progress``): what a pass records or shows, called before and after each block.
+* observers (``BlockTimeline``, ``Progress``): what a pass records or shows, called before and after each block.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from helpers.layout import BlockLayout, block_layout
 from helpers.reader import BlockReader, Loaded
 from helpers.tensorfiles import drop_page_range
 
-__all__ = ["stream_pass", "BlockSource", "Resident", "Observer", "Timeline", "Progress"]
+__all__ = ["stream_pass", "BlockSource", "Resident", "Observer", "BlockTimeline", "Progress"]
 
 
 def stream_pass(blocks: Sequence, source, step: Callable, observers: Sequence["Observer"] = ()) -> None:
@@ -226,7 +226,7 @@ class Observer:
         pass
 
 
-class Timeline(Observer):
+class BlockTimeline(Observer):
     """One record per block: ``block``, ``bytes`` read, ``read_start``, ``read_end``, ``compute_start``,
     ``compute_end`` (seconds since the pass started) and ``resident``. Built in chapter 08.
 

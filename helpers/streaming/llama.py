@@ -25,7 +25,8 @@ __all__ = ["SUPPORTED_MODEL_TYPES", "check_architecture", "Role", "Block", "llam
 SUPPORTED_MODEL_TYPES = {
     "llama": "the reference",
     "mistral": "Llama's layer; a sliding window, when set, is checked against every pass's length",
-    "qwen2": "Llama's layer with biases on q, k and v (weights like any other); sliding layers are checked as Mistral's",
+    "qwen2": "Llama's layer with biases on q, k and v (weights like any other); sliding layers are checked "
+             "as Mistral's",
 }
 
 
@@ -52,7 +53,7 @@ def check_architecture(config) -> Optional[int]:
 
 
 class Role(enum.Enum):
-    """What a block does in a Llama-family forward pass."""
+    """What a block does in a Llama-family forward pass. Built in chapter 08."""
 
     EMBED = "embed_tokens"  # token ids -> hidden states
     LAYER = "layers"  # one decoder layer: hidden -> hidden, with its KV cache
@@ -62,7 +63,8 @@ class Role(enum.Enum):
 
 @dataclass(frozen=True)
 class Block:
-    """One block of the model's skeleton: its name on disk, its role, the module that computes it."""
+    """One block of the model's skeleton: its name on disk, its role, the module that computes it.
+    Built in chapter 08."""
 
     name: str
     role: Role
@@ -116,7 +118,7 @@ def llama_blocks(model: torch.nn.Module, names: Sequence[str]) -> list[Block]:
 
 @dataclass
 class ForwardState:
-    """What a forward pass carries from block to block, and what it was asked."""
+    """What a forward pass carries from block to block, and what it was asked. Built in chapter 08."""
 
     ids: torch.Tensor  # (batch, seq) the new tokens
     mask: Optional[torch.Tensor] = None  # (batch, past + seq) 1 for real tokens; None: all real
@@ -131,7 +133,8 @@ class ForwardState:
 
 @dataclass
 class ScoreState:
-    """One question of ``score``/``score_many``: its inputs, and what it carries from block to block."""
+    """One question of ``score``/``score_many``: its inputs, and what it carries from block to block.
+    Built in chapter 08."""
 
     prefix_ids: torch.Tensor  # (1, P) the shared prefix
     suffix: torch.Tensor  # (n, S) the suffixes, right-padded with 0

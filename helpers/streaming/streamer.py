@@ -2,7 +2,7 @@
 
 Built in chapter 08. It puts three pieces together: where the blocks are (``helpers.layout``), how transformers
 runs them (``Llama``, the adapter) and the engine's loop (``stream_pass`` over a ``BlockSource``, with
-``Resident`` blocks and ``Timeline``/``Progress`` observers). ``forward``, ``generate``, ``score`` and
+``Resident`` blocks and ``BlockTimeline``/``Progress`` observers). ``forward``, ``generate``, ``score`` and
 ``score_many`` are policies: each is a step run on every block, with its own small state.
 
 Every public result is on the CPU: ``forward``'s logits and ``score``'s scores in float32, ``generate``'s ids
@@ -21,10 +21,10 @@ from helpers.memory import parse_size
 from helpers.meta import parse_dtype
 from helpers.tensorfiles import CheckpointError
 
-from .engine import BlockSource, Progress, Resident, Timeline, stream_pass
+from .engine import BlockSource, BlockTimeline, Progress, Resident, stream_pass
 from .llama import Block, ForwardState, Llama, Role, ScoreState
 
-__all__ = ["LayerStreamer", "predicted_peak_bytes"]
+__all__ = ["LayerStreamer", "choose_resident", "group_in_order", "pick", "predicted_peak_bytes"]
 
 
 class LayerStreamer:
@@ -44,7 +44,7 @@ class LayerStreamer:
     ``resident_bytes``: a budget (bytes, or a size such as "2GB") of blocks that stay on the device after
     their first read and are never read again: those that save the most bytes read per byte of budget
     (``resident_blocks`` names those held now, in execution order). The budget is for the weights only.
-    After each pass, ``timeline`` holds one record per block (``engine.Timeline``) and ``passes`` counts the
+    After each pass, ``timeline`` holds one record per block (``engine.BlockTimeline``) and ``passes`` counts the
     passes made so far. Only the Llama family runs (``helpers.streaming.check_architecture``).
     Use it in a ``with`` block (or call ``close()``) to stop its reader threads and free its buffers.
     """
@@ -88,21 +88,11 @@ class LayerStreamer:
         self.source = BlockSource(self.checkpoint, device=self.device, dtype=self.dtype, codec=codec,
                                   prefetch=prefetch, cold=drop_page_cache, read=read, layout=layout)
         self.resident_bytes = resident_bytes
-        self.resident = Resident(self.source, self._choose_resident(resident_bytes))
-        self.progress, self.timeline, self.passes = progress, [], 0
-
-    def _choose_resident(self, budget: int) -> set[int]:
-        """The blocks that save the most bytes read per byte held, while they fit ``budget``: a block's read is
-        what a pass reads for it on this device (on the CPU an embedding reads only its looked-up rows)."""
         held = [sum(p.numel() for p in b.module.parameters()) * self.dtype.itemsize for b in self.blocks]
-        lookup = self.device.type != "cuda"
-        read = [0 if lookup and b.role is Role.EMBED else self.source.layout.bytes(b.name) for b in self.blocks]
-        keep, left = set(), budget
-        for i in sorted(range(len(self.blocks)), key=lambda i: -read[i] / max(held[i], 1)):
-            if held[i] <= left:
-                keep.add(i)
-                left -= held[i]
-        return keep
+        lookup = self.device.type != "cuda"  # on the CPU an embedding reads only the rows a pass looks up
+        read = [0 if lookup and b.role is Role.EMBED else layout.bytes(b.name) for b in self.blocks]
+        self.resident = Resident(self.source, choose_resident(read, held, resident_bytes))
+        self.progress, self.timeline, self.passes = progress, [], 0
 
     # ------------------------------------------------------------------ what it is
     config = property(lambda self: self.llama.config, doc="The model's transformers config.")
@@ -138,7 +128,7 @@ class LayerStreamer:
         ``forward``, ``generate`` and ``score`` are such steps; a new policy is a new step. ``ids``: every token
         id the pass looks up, so the embedding reads only those rows. Built in chapter 08."""
         self.source.rows = {b.name: torch.unique(ids.cpu()) for b in self.blocks if b.role is Role.EMBED}
-        observers = [Timeline(self.device), Progress(len(self.blocks), desc, self.progress)]
+        observers = [BlockTimeline(self.device), Progress(len(self.blocks), desc, self.progress)]
         for observer in observers:
             observer.start()
         try:
@@ -251,19 +241,8 @@ class LayerStreamer:
             if not isinstance(q, (list, tuple)) or len(q) != 2:
                 raise ValueError(f"questions[{i}] must be a (prefix_ids, suffix_ids) pair; got {q!r:.80}")
             states.append(self._question(*q, what=f"questions[{i}]"))
-        per_element = self.config.hidden_size * self.dtype.itemsize
-        groups, carried = [[]], 0
-        for i, st in enumerate(states):
-            need = st.carried_elements * per_element
-            if max_carried_bytes is not None and need > max_carried_bytes:
-                raise ValueError(f"questions[{i}] alone carries {need} bytes of activations between blocks, "
-                                 f"more than max_carried_bytes={max_carried_bytes}")
-            if groups[-1] and max_carried_bytes is not None and carried + need > max_carried_bytes:
-                groups.append([])
-                carried = 0
-            groups[-1].append(st)
-            carried += need
-        for group in groups:
+        carried = [st.carried_elements * self.config.hidden_size * self.dtype.itemsize for st in states]
+        for group in group_in_order(states, carried, max_carried_bytes):
             ids = torch.cat([t.flatten() for st in group for t in (st.prefix_ids, st.suffix)])
             self.run_pass(lambda block, group=group: [self.llama.score_step(st, block) for st in group], ids, "score")
         return [st.scores.cpu() for st in states]
@@ -292,6 +271,34 @@ class LayerStreamer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def choose_resident(read: Sequence[int], held: Sequence[int], budget: int) -> set[int]:
+    """Which blocks to keep resident: those that save the most bytes read per byte held, while they fit
+    ``budget``. ``read[i]``: bytes a pass reads for block i on this device; ``held[i]``: bytes it holds there.
+    Built in chapter 08."""
+    keep, left = set(), budget
+    for i in sorted(range(len(read)), key=lambda i: -read[i] / max(held[i], 1)):  # stable: execution order on ties
+        if held[i] <= left:
+            keep.add(i)
+            left -= held[i]
+    return keep
+
+
+def group_in_order(items: Sequence, sizes: Sequence[int], cap: Optional[int]) -> list[list]:
+    """``items`` split, in order, into groups whose ``sizes`` add up to at most ``cap`` (None: one group);
+    ``ValueError`` naming the first item that alone is over it. Built in chapter 08."""
+    groups, total = [[]], 0
+    for i, (item, size) in enumerate(zip(items, sizes)):
+        if cap is not None and size > cap:
+            raise ValueError(f"questions[{i}] alone carries {size} bytes of activations between blocks, "
+                             f"more than max_carried_bytes={cap}")
+        if groups[-1] and cap is not None and total + size > cap:
+            groups.append([])
+            total = 0
+        groups[-1].append(item)
+        total += size
+    return groups
 
 
 def pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, gen) -> torch.Tensor:
