@@ -21,6 +21,7 @@ read, as AirLLM and FlexGen do.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -322,6 +323,10 @@ class Codec:
         """The weight again, in ``dtype``, on the device its parts are on."""
         raise NotImplementedError
 
+    def temporary_bytes(self, shape: Sequence[int], dtype: torch.dtype) -> int:
+        """Bytes ``decode`` holds beyond its parts and its result, for a weight of ``shape`` decoded to ``dtype``."""
+        raise NotImplementedError
+
     def specs(self, specs: Sequence[Spec]) -> list[Spec]:
         """``(name, shape, dtype)`` of what ``compress`` stores for tensors of these specs, in the same order;
         checks every spec first, so a split can refuse a model before it writes a byte."""
@@ -387,6 +392,9 @@ class Int8Rows(Codec):
         q, absmax = parts  # RowwiseInt8.dequantize's arithmetic, bit for bit, with one float32 temporary
         return q.float().mul_(absmax.view(-1, 1)).mul_(1 / 127).to(dtype)
 
+    def temporary_bytes(self, shape, dtype):
+        return 0 if dtype == torch.float32 else math.prod(shape) * 4  # the float32 weight, before .to(dtype)
+
 
 class NF4Blocks(Codec):
     """NF4 codes, two to a byte, one float32 absmax per block of 64 (``quantize_4bit``, no double quantization).
@@ -420,6 +428,10 @@ class NF4Blocks(Codec):
             values *= absmax[start // per_block:(start + codes.numel()) // per_block, None]
             out.view(-1)[2 * start:2 * start + 2 * codes.numel()] = values.view(-1)
         return out
+
+    def temporary_bytes(self, shape, dtype):
+        codes = min(self.chunk, math.prod(shape) // 2)  # bytes of codes decoded at a time
+        return codes * (4 + 2 * 4)  # their int32 indices and the float32 pair of levels per byte
 
 
 @lru_cache(maxsize=None)

@@ -151,7 +151,7 @@ def normal_report(c: BenchConfig, fields: dict, results: dict, info: dict) -> di
     from helpers.streaming import predicted_peak_bytes
 
     config = LlamaConfig(**fields)
-    predicted = predicted_peak_bytes(config, c.batch, c.seq, c.dtype)
+    predicted = predicted_peak_bytes(config, c.batch, c.seq, c.dtype, read=c.read)
     disk, stream, h2d = best_read(results), results["stream-prefetch"], results.get("h2d", {})
     report = {"config": fields, "dtype": c.dtype, "batch": c.batch, "seq": c.seq, "rounds": c.rounds,
               "source": c.source, "read": c.read, "device": c.device,

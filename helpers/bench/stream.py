@@ -40,10 +40,10 @@ def run_stream(c: BenchConfig, work: Work, prefetch: bool) -> dict:
     """One warm-up pass, then best of ``c.repeat`` cold passes, against the in-memory reference logits. Built in
     chapter 08."""
     files = block_layout(work.streamed(c.source)).files
-    with streamer(c, work, prefetch) as st:
+    with streamer(c, work, prefetch) as st:  # made outside the measurement: imports, the skeleton on meta
         ids = prompt(c, st.config.vocab_size)
-        st.forward(ids)  # one pass first, outside the measurement: imports, the reader thread, the allocator
-        with measure() as m:
+        with measure() as m:  # from before the first pass, which makes the reader's slots
+            st.forward(ids)  # one pass first, outside the timing: the reader thread, the allocator
             times, logits = timed_passes(c, lambda: st.forward(ids), files)
         read = st.read
     ref = torch.load(work.out / REFERENCE, weights_only=True)

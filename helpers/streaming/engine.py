@@ -61,6 +61,16 @@ class _Ready:
         return self.loaded
 
 
+class _Deferred:
+    """A block read only when its result is asked for (no prefetch): one block held at a time."""
+
+    def __init__(self, read: Callable[[], Loaded]):
+        self.read = read
+
+    def result(self) -> Loaded:
+        return self.read()
+
+
 class _Reading:
     """A block being read: ``result()`` waits for it and hands its tensors to the compute stream."""
 
@@ -117,7 +127,7 @@ class BlockSource:
         name = self.names[i]
         read = (self.layout.pieces[name], self.rows.get(name), partial(self._transform, name))
         if not self.prefetch:
-            return _Ready(self.take(self.reader.load(*read)))
+            return _Deferred(lambda: self.take(self.reader.load(*read)))
         return _Reading(self.reader.submit(*read), self)
 
     def take(self, loaded: Loaded) -> Loaded:

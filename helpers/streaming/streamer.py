@@ -11,6 +11,8 @@ in int64, whatever the compute device, so that they compare directly with any re
 
 from __future__ import annotations
 
+import math
+from collections import deque
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
@@ -24,7 +26,7 @@ from helpers.tensorfiles import CheckpointError
 from .engine import BlockSource, BlockTimeline, Progress, Resident, stream_pass
 from .llama import Block, ForwardState, Llama, Role, ScoreState
 
-__all__ = ["LayerStreamer", "choose_resident", "group_in_order", "pick", "predicted_peak_bytes"]
+__all__ = ["LayerStreamer", "choose_resident", "group_in_order", "pick", "slot_bytes", "predicted_peak_bytes"]
 
 
 class LayerStreamer:
@@ -314,21 +316,66 @@ def pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float
     return order.gather(-1, choice)[:, 0]
 
 
-def predicted_peak_bytes(config, batch_size: int, seq_len: int, dtype, *, prefetch: bool = True) -> int:
-    """Bytes ``LayerStreamer`` holds at its peak on the CPU, from ``helpers.arithmetic``. Built in chapter 08.
+def slot_bytes(sizes: Sequence[Optional[int]], prefetch: bool = True, passes: int = 2) -> int:
+    """Bytes of the reader's slots after ``passes`` passes over blocks of ``sizes`` (None: a block read without a
+    slot, such as the embedding's looked-up rows on the CPU): the engine's order of reads and releases, and the
+    reader's rule (the slot given back longest ago, grown to the block). Built in chapter 08."""
+    free, slots, held = deque(), [], {}
 
-    The weights of the two consecutive blocks it has at once (block i computing, block i + 1 being read;
-    one block without prefetch), the embedding counted as the rows a pass looks up and a tied ``lm_head``
-    as the whole shared table it reads, plus the activations of a ``batch_size`` x ``seq_len`` pass. For
-    files stored in ``dtype`` (converting on the fly briefly holds both copies of a block).
+    def load(i: int) -> None:
+        if sizes[i] is not None:
+            held[i] = free.popleft() if free else len(slots)
+            slots[held[i]:held[i] + 1] = [max(slots[held[i]] if held[i] < len(slots) else 0, sizes[i])]
+
+    for _ in range(passes):
+        if prefetch:
+            load(0)
+        for i in range(len(sizes)):
+            if not prefetch:
+                load(i)
+            elif i + 1 < len(sizes):
+                load(i + 1)  # the next block is read while this one computes
+            if i in held:
+                free.append(held.pop(i))
+    return sum(slots)
+
+
+def predicted_peak_bytes(config, batch_size: int, seq_len: int, dtype, *, prefetch: bool = True,
+                         read: str = "direct", codec=None) -> int:
+    """Bytes ``LayerStreamer`` holds at its peak on the CPU, for files stored in ``dtype`` and computed in it,
+    from ``helpers.arithmetic``. Built in chapter 08.
+
+    The embedding counts as the rows a pass looks up, a tied ``lm_head`` as the whole shared table it reads.
+    ``read="map"``: the file pages of the two consecutive blocks it has at once (block i computing, block i + 1
+    being read; one block without prefetch). ``"direct"``/``"buffered"``: the reader's slots (``slot_bytes``),
+    which the tensors view. A ``codec`` (a compressed split): blocks are read in their stored size, held
+    decompressed too (two at once with prefetch), plus the codec's temporaries (``temporary_bytes``). Then the
+    activations of a ``batch_size`` x ``seq_len`` pass.
     """
-    from helpers.arithmetic import activation_bytes, block_bytes
+    from helpers.arithmetic import activation_bytes, block_bytes, meta_model
+    from helpers.layout import block_of
 
-    blocks = block_bytes(config, dtype)
-    table = blocks["model.embed_tokens"]
-    if blocks.get("lm_head") == 0:  # tied: lm_head reads the embedding's file whole
-        blocks["lm_head"] = table
-    blocks["model.embed_tokens"] = min(table, batch_size * seq_len * (table // config.vocab_size))
-    held = list(blocks.values())
-    weights = max(a + b for a, b in zip(held, held[1:])) if prefetch else max(held)
-    return weights + activation_bytes(config, batch_size, seq_len, dtype)
+    compute = block_bytes(config, dtype)
+    table = compute["model.embed_tokens"]
+    if compute.get("lm_head") == 0:  # tied: lm_head reads the embedding's table whole
+        compute["lm_head"] = table
+    stored, temporary = dict(compute), 0
+    if codec is not None:
+        specs = [(n, tuple(p.shape), parse_dtype(dtype)) for n, p in meta_model(config).named_parameters()]
+        stored = {b: 0 for b in compute}
+        for name, shape, kind in codec.specs(specs):
+            stored["lm_head" if name.startswith("lm_head") else block_of(name)] += math.prod(shape) * kind.itemsize
+        if stored["lm_head"] == 0:
+            stored["lm_head"] = table
+        temporary = max(codec.temporary_bytes(shape, parse_dtype(dtype)) for _, shape, _ in specs if len(shape) == 2)
+    rows = min(table, batch_size * seq_len * (table // config.vocab_size))
+    names = list(compute)
+    if read == "map":
+        held = [rows if b == "model.embed_tokens" else stored[b] for b in names]
+        weights = max(a + b for a, b in zip(held, held[1:])) if prefetch else max(held)
+    else:
+        weights = rows + slot_bytes([None if b == "model.embed_tokens" else stored[b] for b in names], prefetch)
+    if codec is not None:  # decompressed copies beside the stored bytes
+        decoded = [0 if b == "model.embed_tokens" else compute[b] for b in names]
+        weights += max(a + b for a, b in zip(decoded, decoded[1:])) if prefetch else max(decoded)
+    return weights + temporary + activation_bytes(config, batch_size, seq_len, dtype)
