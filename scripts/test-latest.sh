@@ -39,8 +39,6 @@ cp -r "$repo/pyproject.toml" "$repo/README.md" "$repo/LICENSE" "$repo/helpers" "
 mkdir "$work/run"
 cp "$repo"/book/*.ipynb "$work/run/"
 cp -r "$repo/tests" "$work/run/tests"
-mkdir "$work/benchmarks"   # committed benchmark results, which chapter 08 reads from ../benchmarks/results
-cp -r "$repo/benchmarks/results" "$work/benchmarks/results"
 cd "$work/run"   # outside the repository: helpers can only come from the wheel
 "$py" - <<'PY'
 from importlib.metadata import version

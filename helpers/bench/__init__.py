@@ -44,7 +44,8 @@ streamer's peak RSS at most ``TARGET_RAM_SHARE`` of the machine's RAM.
 The package: ``config`` (the options, a frozen ``BenchConfig``), one module per family of variants (``read``,
 ``memory``, ``stream``, ``anchors``, ``h2d``), ``child`` (one variant in its own process, its result a JSON
 file), ``run`` (the driver and the default mode), ``shape`` (the ``--shape`` mode) and ``report`` (what it
-prints, and the targets). Built in chapter 08.
+prints, and the targets). The reports the book reads are committed in ``results/`` and read with ``committed``.
+Built in chapter 08.
 """
 
 from __future__ import annotations
@@ -69,7 +70,20 @@ from .run import run_normal
 from .shape import plan_shape, run_shape, shape_config
 
 __all__ = ["main", "BenchConfig", "TARGET_BOUND", "TARGET_OVERLAP", "TARGET_RSS", "TARGET_ANCHOR", "TARGET_AIRLLM",
-           "TARGET_RAM_SHARE", "ANCHORS", "print_table", "print_shape"]
+           "TARGET_RAM_SHARE", "ANCHORS", "print_table", "print_shape", "COMMITTED", "committed"]
+
+COMMITTED = ("streaming-2gb.json", "llama-2-70b-16-layers.json")  # the runs the book reads, in helpers/bench/results
+
+
+def committed(name: str) -> dict:
+    """A committed benchmark report, shipped inside the package (``helpers/bench/results``): chapter 08 reads it
+    from a checkout, a wheel or Colab alike, with no network. Built in chapter 08."""
+    import json
+    from importlib.resources import files
+
+    if name not in COMMITTED:
+        raise ValueError(f"no committed benchmark result {name!r}; there are {', '.join(COMMITTED)}")
+    return json.loads(files("helpers.bench").joinpath("results", name).read_text())
 
 
 def main(argv: Optional[Sequence[str]] = None, *, config=None) -> dict:
