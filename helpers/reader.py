@@ -43,7 +43,8 @@ import torch
 from .layout import Piece
 from .tensorfiles import CheckpointError, map_range, touch_rows
 
-__all__ = ["READS", "ALIGN", "Loaded", "BlockReader", "direct_io_refusal", "host_copy", "h2d_bandwidth"]
+__all__ = ["READS", "ALIGN", "Loaded", "BlockReader", "slot_size", "direct_io_refusal", "host_copy",
+           "h2d_bandwidth"]
 
 READS = ("direct", "buffered", "map")
 ALIGN = 4096  # O_DIRECT: offsets, lengths and buffer addresses in multiples of this (covers 512-byte sectors)
@@ -115,19 +116,20 @@ class BlockReader:
     ``read``: "direct" (default), "buffered" or "map" (``READS``; see the module's text); ``method`` is the one
     running and ``why`` the reason when it is not the one asked for. ``in_flight``: read requests at once.
     ``submit`` runs ``load`` in the reader's own thread (``thread_name``), so that a caller computes while the
-    next block is read.
+    next block is read. ``slot_bytes``: the size every slot is made with (``slot_size`` of the largest block a
+    caller will read), so that slots never grow (growing briefly holds the old slot and the new one).
     Close it (``close()`` or ``with``) to stop its threads and free its slots.
     """
 
     def __init__(self, device: Device = "cpu", *, read: str = "direct", in_flight: int = 4,
-                 thread_name: str = "layer-reader"):
+                 thread_name: str = "layer-reader", slot_bytes: int = 0):
         if read not in READS:
             raise ValueError(f"read {read!r} must be one of {', '.join(map(repr, READS))}")
         if isinstance(in_flight, bool) or not isinstance(in_flight, int) or in_flight < 1:
             raise ValueError(f"in_flight {in_flight!r} must be an int >= 1 (read requests at once)")
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
-        self.method, self.why = read, None
+        self.method, self.why, self.min_slot = read, None, slot_bytes
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self._slots: list[_Slot] = []
         self._free: deque[_Slot] = deque()  # slots given back, the oldest first
@@ -164,7 +166,7 @@ class BlockReader:
                 nbytes += piece.length
             return self._finish(state, nbytes, t0, time.perf_counter(), number, None, transform)
         spans, size = _spans(pieces)
-        slot = self._take_slot(size)
+        slot = self._take_slot(max(size, self.min_slot))
         try:
             return self._read_into(slot, pieces, spans, number, t0, transform)
         except BaseException:
@@ -300,7 +302,8 @@ class BlockReader:
         if slot.buffer.numel() < size:  # grown: touched once, then reused
             if slot.free_after is not None:
                 slot.free_after.synchronize()
-            slot.buffer, slot.free_after = _aligned(size, pin=self.cuda), None
+            slot.buffer, slot.free_after = None, None  # the old one goes first: never both at once
+            slot.buffer = _aligned(size, pin=self.cuda)
         return slot
 
     def _give_back(self, slot: _Slot) -> None:
@@ -325,6 +328,11 @@ class BlockReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def slot_size(pieces: Sequence[Piece]) -> int:
+    """Bytes of slot a block of these pieces needs: each range rounded out to ``ALIGN``. Built in chapter 08."""
+    return _spans(pieces)[1]
 
 
 def _spans(pieces: Sequence[Piece]) -> tuple[list[tuple[int, int, int]], int]:

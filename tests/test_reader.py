@@ -174,3 +174,17 @@ def test_cuda_a_third_read_waits_for_the_first_blocks_compute_not_the_device(sha
         reader.release(second)
         reader.load(block_a(shard))
         assert waited == [1]
+
+
+def test_slots_are_made_at_the_size_asked_and_never_grow(shard):
+    """With slot_bytes, every slot has that size from the start: a bigger block never makes a slot grow (which
+    would hold the old slot and the new one at once)."""
+    big = R.slot_size(block_a(shard))
+    with BlockReader("cpu", read="direct", slot_bytes=big) as reader:
+        small = Piece(shard, 0, 8, {"raw": (torch.uint8, [8], 0)})
+        first = reader.load([small])
+        assert first.slot.buffer.numel() == big
+        buffer = first.slot.buffer
+        reader.release(first)
+        second = reader.load(block_a(shard))
+        assert second.slot.buffer is buffer  # the same memory, not a new allocation

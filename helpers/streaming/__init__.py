@@ -14,8 +14,8 @@ Built in chapter 08, in three parts:
 
 from .engine import BlockSource, BlockTimeline, Observer, Progress, Resident, stream_pass
 from .llama import SUPPORTED_MODEL_TYPES, Block, Llama, Role, check_architecture, llama_blocks
-from .streamer import LayerStreamer, choose_resident, group_in_order, pick, predicted_peak_bytes, slot_bytes
+from .streamer import LayerStreamer, choose_resident, group_in_order, pick, predicted_peak_bytes
 
 __all__ = ["stream_pass", "BlockSource", "Resident", "Observer", "BlockTimeline", "Progress",
            "SUPPORTED_MODEL_TYPES", "check_architecture", "Role", "Block", "llama_blocks", "Llama",
-           "LayerStreamer", "choose_resident", "group_in_order", "pick", "predicted_peak_bytes", "slot_bytes"]
+           "LayerStreamer", "choose_resident", "group_in_order", "pick", "predicted_peak_bytes"]

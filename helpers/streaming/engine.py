@@ -21,7 +21,7 @@ from typing import Callable, Mapping, Optional, Sequence, Union
 import torch
 
 from helpers.layout import BlockLayout, block_layout
-from helpers.reader import BlockReader, Loaded
+from helpers.reader import BlockReader, Loaded, slot_size
 from helpers.tensorfiles import drop_page_range
 
 __all__ = ["stream_pass", "BlockSource", "Resident", "Observer", "BlockTimeline", "Progress"]
@@ -91,12 +91,14 @@ class BlockSource:
     ``read``: how a block's bytes are read (``helpers.reader.READS``). ``prefetch``: ``fetch`` starts reading
     in the reader's thread and returns at once; else the read happens when its result is asked for.
     ``cold``: after each block, drop the cached pages of its byte ranges (Linux), so that every pass of a
-    buffered or mapped read comes from the disk (a direct read never uses the cache).
+    buffered or mapped read comes from the disk (a direct read never uses the cache). ``lookups``: blocks that
+    are lookup tables (the embedding): on the CPU a pass reads only the rows in ``rows[name]``, and the reader's
+    slots are sized for the other blocks.
     """
 
     def __init__(self, checkpoint: Union[str, Path], *, device: Union[str, torch.device], dtype: torch.dtype,
                  codec=None, prefetch: bool = True, cold: bool = False, read: str = "direct",
-                 layout: Optional[BlockLayout] = None):
+                 layout: Optional[BlockLayout] = None, lookups: Sequence[str] = ()):
         self.checkpoint = Path(checkpoint)
         if cold and not hasattr(os, "posix_fadvise"):
             raise ValueError("dropping the page cache (drop_page_cache=True) needs os.posix_fadvise (Linux); "
@@ -105,7 +107,9 @@ class BlockSource:
         self.names: list[str] = list(self.layout.blocks)
         self.device, self.dtype, self.codec = torch.device(device), dtype, codec
         self.prefetch, self.cold = prefetch, cold
-        self.reader = BlockReader(self.device, read=read)
+        self.lookups = set(lookups) if self.device.type != "cuda" else set()  # mapped by rows, not read into slots
+        self.reader = BlockReader(self.device, read=read, slot_bytes=max(
+            slot_size(self.layout.pieces[b]) for b in self.names if b not in self.lookups))
         self.rows: Mapping[str, torch.Tensor] = {}  # this pass's looked-up rows, per lookup table's block name
         self._dropper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="page-dropper")
         self._drops: list[Future] = []

@@ -12,7 +12,6 @@ in int64, whatever the compute device, so that they compare directly with any re
 from __future__ import annotations
 
 import math
-from collections import deque
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
@@ -26,7 +25,7 @@ from helpers.tensorfiles import CheckpointError
 from .engine import BlockSource, BlockTimeline, Progress, Resident, stream_pass
 from .llama import Block, ForwardState, Llama, Role, ScoreState
 
-__all__ = ["LayerStreamer", "choose_resident", "group_in_order", "pick", "slot_bytes", "predicted_peak_bytes"]
+__all__ = ["LayerStreamer", "choose_resident", "group_in_order", "pick", "predicted_peak_bytes"]
 
 
 class LayerStreamer:
@@ -88,13 +87,14 @@ class LayerStreamer:
             except ValueError as e:
                 raise CheckpointError(self.checkpoint / "layers.index.json", [str(e)]) from None
         self.source = BlockSource(self.checkpoint, device=self.device, dtype=self.dtype, codec=codec,
-                                  prefetch=prefetch, cold=drop_page_cache, read=read, layout=layout)
+                                  prefetch=prefetch, cold=drop_page_cache, read=read, layout=layout,
+                                  lookups=[b.name for b in self.blocks if b.role is Role.EMBED])
         self.resident_bytes = resident_bytes
         held = [sum(p.numel() for p in b.module.parameters()) * self.dtype.itemsize for b in self.blocks]
         lookup = self.device.type != "cuda"  # on the CPU an embedding reads only the rows a pass looks up
         read = [0 if lookup and b.role is Role.EMBED else layout.bytes(b.name) for b in self.blocks]
         self.resident = Resident(self.source, choose_resident(read, held, resident_bytes))
-        self.progress, self.timeline, self.passes = progress, [], 0
+        self.progress, self.timeline, self.passes, self.speculation = progress, [], 0, None
 
     # ------------------------------------------------------------------ what it is
     config = property(lambda self: self.llama.config, doc="The model's transformers config.")
@@ -183,12 +183,15 @@ class LayerStreamer:
 
     def generate(self, input_ids, max_new_tokens: int, *, do_sample: bool = False, temperature: float = 1.0,
                  top_p: float = 1.0, attention_mask=None, seed: Optional[int] = None,
-                 eos_token_id: Optional[int] = None) -> torch.Tensor:
+                 eos_token_id: Optional[int] = None, draft=None, draft_tokens: int = 4) -> torch.Tensor:
         """Prompt plus up to ``max_new_tokens`` new ids (int64, on the CPU); one streamed pass per token, KV cache
         per layer. Built in chapter 08.
 
         Greedy by default (identical to ``model.generate(do_sample=False)``); ``do_sample`` samples with
         ``temperature`` and nucleus ``top_p``. With ``eos_token_id`` it stops once every row has produced it.
+        ``draft`` (chapter 09): a causal LM in memory that shares the tokenizer; each streamed pass then verifies
+        ``draft_tokens`` tokens it proposed (``speculative.speculate``), greedy only and one sequence only, and the
+        output is the same token for token. ``speculation`` then says what the passes carried.
         """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens {max_new_tokens!r} must be an int >= 1")
@@ -196,6 +199,8 @@ class LayerStreamer:
             raise ValueError(f"temperature {temperature!r} must be > 0 and top_p {top_p!r} in (0, 1]")
         ids = self._ids(input_ids, "input_ids")
         mask = self._mask(attention_mask, ids)
+        if draft is not None:
+            return self._speculate(ids, mask, max_new_tokens, do_sample, eos_token_id, draft, draft_tokens)
         pos = None if mask is None else (mask.cumsum(-1) - 1).clamp(min=0)  # as HF generate does for left padding
         gen = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
         cache, out = self.llama.new_cache(), [ids]
@@ -214,6 +219,21 @@ class LayerStreamer:
                 pos = pos[:, -1:] + 1
             logits = self.pass_logits(ForwardState(nxt[:, None], mask, cache, pos, last_only=True), f"token {k + 2}")
         return torch.cat(out, dim=1).cpu()
+
+    def _speculate(self, ids, mask, max_new_tokens, do_sample, eos_token_id, draft, draft_tokens) -> torch.Tensor:
+        """``generate`` with a draft: every refusal before anything is read, then ``speculative.speculate``."""
+        from .speculative import check_draft, speculate
+
+        check_draft(draft, self.config.vocab_size, draft_tokens)
+        if do_sample:
+            raise ValueError("do_sample=True with a draft is not supported: speculative decoding here is greedy "
+                             "(its output equals plain greedy decoding); sample without a draft")
+        if ids.shape[0] != 1 or (mask is not None and not bool(mask.all())):
+            raise ValueError(f"a draft verifies one sequence at a time; got a batch of {ids.shape[0]}"
+                             + (" with padding" if mask is not None and not bool(mask.all()) else ""))
+        self.llama.check_window(ids.shape[1] + max_new_tokens + draft_tokens)
+        out, self.speculation = speculate(self, ids, max_new_tokens, draft, draft_tokens, eos_token_id)
+        return out
 
     def score(self, prefix_ids, suffix_ids: Sequence) -> torch.Tensor:
         """Sum log-probability of each suffix after one shared prefix; the prefix's KV is computed once per layer.
@@ -316,30 +336,6 @@ def pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float
     return order.gather(-1, choice)[:, 0]
 
 
-def slot_bytes(sizes: Sequence[Optional[int]], prefetch: bool = True, passes: int = 2) -> int:
-    """Bytes of the reader's slots after ``passes`` passes over blocks of ``sizes`` (None: a block read without a
-    slot, such as the embedding's looked-up rows on the CPU): the engine's order of reads and releases, and the
-    reader's rule (the slot given back longest ago, grown to the block). Built in chapter 08."""
-    free, slots, held = deque(), [], {}
-
-    def load(i: int) -> None:
-        if sizes[i] is not None:
-            held[i] = free.popleft() if free else len(slots)
-            slots[held[i]:held[i] + 1] = [max(slots[held[i]] if held[i] < len(slots) else 0, sizes[i])]
-
-    for _ in range(passes):
-        if prefetch:
-            load(0)
-        for i in range(len(sizes)):
-            if not prefetch:
-                load(i)
-            elif i + 1 < len(sizes):
-                load(i + 1)  # the next block is read while this one computes
-            if i in held:
-                free.append(held.pop(i))
-    return sum(slots)
-
-
 def predicted_peak_bytes(config, batch_size: int, seq_len: int, dtype, *, prefetch: bool = True,
                          read: str = "direct", codec=None) -> int:
     """Bytes ``LayerStreamer`` holds at its peak on the CPU, for files stored in ``dtype`` and computed in it,
@@ -347,10 +343,10 @@ def predicted_peak_bytes(config, batch_size: int, seq_len: int, dtype, *, prefet
 
     The embedding counts as the rows a pass looks up, a tied ``lm_head`` as the whole shared table it reads.
     ``read="map"``: the file pages of the two consecutive blocks it has at once (block i computing, block i + 1
-    being read; one block without prefetch). ``"direct"``/``"buffered"``: the reader's slots (``slot_bytes``),
-    which the tensors view. A ``codec`` (a compressed split): blocks are read in their stored size, held
-    decompressed too (two at once with prefetch), plus the codec's temporaries (``temporary_bytes``). Then the
-    activations of a ``batch_size`` x ``seq_len`` pass.
+    being read; one block without prefetch). ``"direct"``/``"buffered"``: the reader's two slots (one without
+    prefetch), each made as big as the largest block, which the tensors view. A ``codec`` (a compressed split):
+    blocks are read in their stored size, held decompressed too (two at once with prefetch), plus the codec's
+    temporaries (``temporary_bytes``). Then the activations of a ``batch_size`` x ``seq_len`` pass.
     """
     from helpers.arithmetic import activation_bytes, block_bytes, meta_model
     from helpers.layout import block_of
@@ -374,7 +370,7 @@ def predicted_peak_bytes(config, batch_size: int, seq_len: int, dtype, *, prefet
         held = [rows if b == "model.embed_tokens" else stored[b] for b in names]
         weights = max(a + b for a, b in zip(held, held[1:])) if prefetch else max(held)
     else:
-        weights = rows + slot_bytes([None if b == "model.embed_tokens" else stored[b] for b in names], prefetch)
+        weights = rows + (2 if prefetch else 1) * max(stored[b] for b in names if b != "model.embed_tokens")
     if codec is not None:  # decompressed copies beside the stored bytes
         decoded = [0 if b == "model.embed_tokens" else compute[b] for b in names]
         weights += max(a + b for a, b in zip(decoded, decoded[1:])) if prefetch else max(decoded)
