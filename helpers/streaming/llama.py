@@ -199,14 +199,30 @@ class Llama:
         return DynamicCache(config=self.model.config)
 
     @staticmethod
+    def cache_argument(cache) -> dict:
+        """How a transformers model's ``forward`` takes a KV cache: ``cache=`` from 5.24 (``past_key_values`` is
+        deprecated there), ``past_key_values=`` before."""
+        import inspect
+
+        from transformers import LlamaForCausalLM
+
+        takes = inspect.signature(LlamaForCausalLM.forward).parameters
+        return {"cache": cache} if "cache" in takes else {"past_key_values": cache}
+
+    @staticmethod
     def cached_tokens(cache) -> int:
         """How many positions ``cache`` holds (0 for None)."""
         return 0 if cache is None else cache.get_seq_length()
 
     @staticmethod
     def crop(cache, length: int) -> None:
-        """Forget every position of ``cache`` from ``length`` on, in every layer."""
-        cache.crop(length)
+        """Forget every position of ``cache`` from ``length`` on, in every layer. (A negative count to remove:
+        transformers 5.24 refuses the positive length ``crop`` once took, and older releases read both.)"""
+        remove = cache.get_seq_length() - length
+        if remove < 0:
+            raise ValueError(f"cannot crop a cache of {cache.get_seq_length()} positions to {length}")
+        if remove:
+            cache.crop(-remove)
 
     def check_window(self, length: int) -> None:
         """A sliding-window model (Mistral, some Qwen2) runs unchanged only while every sequence fits the window."""

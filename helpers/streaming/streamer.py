@@ -154,17 +154,6 @@ class LayerStreamer:
                              f"min {int(ids.min())}, max {int(ids.max())}")
         return ids.long().to(self.device)
 
-    def _mask(self, attention_mask, ids: torch.Tensor) -> Optional[torch.Tensor]:
-        if attention_mask is None:
-            return None
-        mask = torch.as_tensor(attention_mask)
-        if mask.dim() == 1:
-            mask = mask[None]
-        if tuple(mask.shape) != tuple(ids.shape):
-            raise ValueError(f"attention_mask has shape {tuple(mask.shape)}; expected {tuple(ids.shape)}, "
-                             "the shape of input_ids")
-        return mask.long().to(self.device)
-
     # ------------------------------------------------------------------ policies
     def pass_logits(self, state: ForwardState, desc: str = "forward") -> torch.Tensor:
         """One forward pass of ``state`` (its cache, if any, extended); the logits, on the compute device."""
@@ -176,7 +165,7 @@ class LayerStreamer:
         """Logits (batch, seq, vocab), or (batch, 1, vocab) with ``last_only``: float32, on the CPU whatever the
         compute device. Built in chapter 08."""
         ids = self._ids(input_ids, "input_ids")
-        state = ForwardState(ids, self._mask(attention_mask, ids), last_only=last_only)
+        state = ForwardState(ids, padding_mask(attention_mask, ids), last_only=last_only)
         return self.pass_logits(state).cpu()
 
     __call__ = forward
@@ -198,9 +187,13 @@ class LayerStreamer:
         if do_sample and not (temperature > 0 and 0 < top_p <= 1):
             raise ValueError(f"temperature {temperature!r} must be > 0 and top_p {top_p!r} in (0, 1]")
         ids = self._ids(input_ids, "input_ids")
-        mask = self._mask(attention_mask, ids)
+        mask = padding_mask(attention_mask, ids)
         if draft is not None:
-            return self._speculate(ids, mask, max_new_tokens, do_sample, eos_token_id, draft, draft_tokens)
+            from .speculative import check_request, speculate
+
+            check_request(self, ids, mask, max_new_tokens, do_sample, draft, draft_tokens)  # before any read
+            out, self.speculation = speculate(self, ids, max_new_tokens, draft, draft_tokens, eos_token_id)
+            return out
         pos = None if mask is None else (mask.cumsum(-1) - 1).clamp(min=0)  # as HF generate does for left padding
         gen = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
         cache, out = self.llama.new_cache(), [ids]
@@ -219,21 +212,6 @@ class LayerStreamer:
                 pos = pos[:, -1:] + 1
             logits = self.pass_logits(ForwardState(nxt[:, None], mask, cache, pos, last_only=True), f"token {k + 2}")
         return torch.cat(out, dim=1).cpu()
-
-    def _speculate(self, ids, mask, max_new_tokens, do_sample, eos_token_id, draft, draft_tokens) -> torch.Tensor:
-        """``generate`` with a draft: every refusal before anything is read, then ``speculative.speculate``."""
-        from .speculative import check_draft, speculate
-
-        check_draft(draft, self.config.vocab_size, draft_tokens)
-        if do_sample:
-            raise ValueError("do_sample=True with a draft is not supported: speculative decoding here is greedy "
-                             "(its output equals plain greedy decoding); sample without a draft")
-        if ids.shape[0] != 1 or (mask is not None and not bool(mask.all())):
-            raise ValueError(f"a draft verifies one sequence at a time; got a batch of {ids.shape[0]}"
-                             + (" with padding" if mask is not None and not bool(mask.all()) else ""))
-        self.llama.check_window(ids.shape[1] + max_new_tokens + draft_tokens)
-        out, self.speculation = speculate(self, ids, max_new_tokens, draft, draft_tokens, eos_token_id)
-        return out
 
     def score(self, prefix_ids, suffix_ids: Sequence) -> torch.Tensor:
         """Sum log-probability of each suffix after one shared prefix; the prefix's KV is computed once per layer.
@@ -293,6 +271,20 @@ class LayerStreamer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def padding_mask(attention_mask, ids: torch.Tensor) -> Optional[torch.Tensor]:
+    """``attention_mask`` (1 for real tokens) checked against ``ids`` and put beside them, or None. Built in
+    chapter 08."""
+    if attention_mask is None:
+        return None
+    mask = torch.as_tensor(attention_mask)
+    if mask.dim() == 1:
+        mask = mask[None]
+    if tuple(mask.shape) != tuple(ids.shape):
+        raise ValueError(f"attention_mask has shape {tuple(mask.shape)}; expected {tuple(ids.shape)}, "
+                         "the shape of input_ids")
+    return mask.long().to(ids.device)
 
 
 def choose_resident(read: Sequence[int], held: Sequence[int], budget: int) -> set[int]:
