@@ -210,8 +210,9 @@ class BlockReader:
                     del self._computed[n]
             if done is not None:
                 done.synchronize()
-            with torch.cuda.stream(self.copy_stream):
-                device_buffer = torch.empty(slot.buffer.numel(), dtype=torch.uint8, device=self.device)
+            with torch.cuda.stream(self.copy_stream):  # the block's bytes, not the whole slot's
+                device_buffer = torch.empty(max(into + n for _, n, into in spans), dtype=torch.uint8,
+                                            device=self.device)
         for into, length, future in self._submit_chunks(pieces, spans, slot):
             future.result()  # raises what the read raised
             if device_buffer is not None:  # copy this chunk while the next ones are still being read
