@@ -327,6 +327,10 @@ class Codec:
         """Bytes ``decode`` holds beyond its parts and its result, for a weight of ``shape`` decoded to ``dtype``."""
         raise NotImplementedError
 
+    def linear(self, x: torch.Tensor, parts: list[torch.Tensor], bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``x @ weight.T + bias`` for a weight stored as ``parts``: by default decoded, then multiplied."""
+        return torch.nn.functional.linear(x, self.decode(parts, x.dtype), bias)
+
     def specs(self, specs: Sequence[Spec]) -> list[Spec]:
         """``(name, shape, dtype)`` of what ``compress`` stores for tensors of these specs, in the same order;
         checks every spec first, so a split can refuse a model before it writes a byte."""
@@ -394,6 +398,13 @@ class Int8Rows(Codec):
 
     def temporary_bytes(self, shape, dtype):
         return 0 if dtype == torch.float32 else math.prod(shape) * 4  # the float32 weight, before .to(dtype)
+
+    def linear(self, x, parts, bias=None):
+        """The product with the codes, then each output column scaled by its row's absmax / 127: one pass over the
+        weight fewer than decoding it first (equal up to the rounding of the float product)."""
+        q, absmax = parts
+        out = torch.nn.functional.linear(x, q.to(x.dtype)) * (absmax * (1 / 127)).to(x.dtype)
+        return out if bias is None else out + bias
 
 
 class NF4Blocks(Codec):

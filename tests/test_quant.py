@@ -366,3 +366,15 @@ def test_compressed_book_model_quality(book_model, held_out_ids, compression):
     least_agreement, most_kl = QUALITY[compression]
     assert m["agree"].mean() >= least_agreement, m["agree"].mean()
     assert 1e-4 < m["kl"].mean() < most_kl, m["kl"].mean()  # above 0: the weights really changed
+
+
+@pytest.mark.parametrize("compression", ["int8", "nf4"])
+def test_a_codecs_linear_is_the_product_with_its_decoded_weight(compression):
+    """Codec.linear: int8 scales the product's columns instead of the weight's rows (one pass fewer over the
+    weight); the result is the decoded weight's product up to float rounding."""
+    codec = Q.codec(compression)
+    w, x, bias = _weight((128, 64)), torch.randn(5, 64), torch.randn(128)
+    stored = codec.compress({"up_proj.weight": w})
+    parts = [stored["up_proj.weight" + s] for s in codec.suffixes]
+    expected = torch.nn.functional.linear(x, codec.decode(parts, torch.float32), bias)
+    torch.testing.assert_close(codec.linear(x, parts, bias), expected, rtol=1e-5, atol=1e-5)

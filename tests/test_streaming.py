@@ -793,3 +793,24 @@ def test_predicted_peak_counts_codec_temporaries(tiny_llama_config):
         assert codec.temporary_bytes((128, 64), torch.float16) > 0
     assert quant.codec("int8").temporary_bytes((128, 64), torch.float32) == 0  # the float32 weight is the result
     assert quant.codec("nf4").temporary_bytes((4096, 4096), torch.float16) == quant.NF4Blocks.chunk * 12  # bounded
+
+
+@pytest.mark.cuda
+def test_cuda_a_pass_never_waits_for_the_whole_device_or_each_block(tiny_fp32, monkeypatch):
+    """Events order the streams: no torch.cuda.synchronize in a pass, and the compute thread waits on one event,
+    at the pass's end (the timeline's), not one per block; the reader's thread may wait for its own slots."""
+    _, layers = tiny_fp32
+    with LayerStreamer(layers, device="cuda", dtype="fp32", progress=False) as st:
+        st.forward(IDS)  # warm up
+        device_waits, main_waits = [], []
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: device_waits.append(1))
+        real = torch.cuda.Event.synchronize
+
+        def counted(event):
+            if threading.current_thread() is threading.main_thread():
+                main_waits.append(1)
+            return real(event)
+
+        monkeypatch.setattr(torch.cuda.Event, "synchronize", counted)
+        st.forward(IDS)
+    assert device_waits == [] and len(main_waits) == 1, main_waits

@@ -177,9 +177,8 @@ class CompressedLinear(torch.nn.Module):
         self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        stored = {name: getattr(self, f"part{i}") for i, name in enumerate(self.parts)}
-        weight = self.codec.decompress(stored, x.dtype)[self.name]
-        return torch.nn.functional.linear(x, weight, self.bias)
+        parts = [getattr(self, f"part{i}") for i in range(len(self.parts))]  # in the codec's order
+        return self.codec.linear(x, parts, self.bias)
 
 
 def compressed_copy(model, codec):
