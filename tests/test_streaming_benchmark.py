@@ -196,7 +196,7 @@ def test_the_table_prints_cpu_seconds_and_reads_committed_reports(capsys):
     bench.print_shape(read_committed("llama-2-70b-16-layers.json"))
     assert "extrapolated to 80 layers" in capsys.readouterr().out
     row = dict(committed["results"]["read (map)"], cpu_seconds=0.5, bytes=2 * 10**9, method="direct")
-    committed["results"] = {"read (direct)": row, **committed["results"]}
+    committed["results"]["read (direct)"] = row
     bench.print_table(committed)
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("read (direct)"))
     assert "0.50 CPU-s (0.25 CPU-s/GB)" in line and "ran" not in line
