@@ -21,7 +21,6 @@ safetensors file, read only while the module runs", through ``helpers.reader`` l
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional, Union
 
@@ -29,7 +28,7 @@ import torch
 from torch import nn
 
 from helpers.device_map import validate_device_map
-from helpers.hooks import DISK_READS, attach, check_disk_read
+from helpers.hooks import DISK_READS, Entry, Plan, TensorRef, Use, attach, check_disk_read
 from helpers.layout import weight_map
 from helpers.meta import is_inside
 from helpers.reader import host_copy
@@ -50,75 +49,6 @@ __all__ = ["dispatch", "undispatch", "check_dispatch", "plan", "materialise", "a
 
 Device = Union[int, str, torch.device]
 PathLike = Union[str, Path]
-
-
-# --------------------------------------------------------------------------- the records
-
-@dataclass(frozen=True)
-class Use:
-    """One place that holds a tensor: attribute ``attr`` of module ``owner``, which the model calls ``name``.
-    Built in chapter 05."""
-
-    name: str
-    owner: nn.Module = field(repr=False)
-    attr: str
-
-
-@dataclass(eq=False)
-class TensorRef:
-    """One tensor object and every ``Use`` of it (a tied weight has several); it is known by its first use's name.
-    Built in chapter 05."""
-
-    uses: list[Use]
-    is_parameter: bool
-    persistent: bool  # in the state dict, so a checkpoint can hold it (a non-persistent buffer is not)
-
-    @property
-    def name(self) -> str:
-        return self.uses[0].name
-
-    def get(self) -> torch.Tensor:
-        return getattr(self.uses[0].owner, self.uses[0].attr)
-
-    def set(self, value: torch.Tensor, uses: Optional[list[Use]] = None) -> None:
-        """Make every use (or only ``uses``) hold ``value``, one ``Parameter`` for all of them: ties stay ties."""
-        if self.is_parameter and not isinstance(value, nn.Parameter):
-            value = nn.Parameter(value, requires_grad=False)
-        for use in self.uses if uses is None else uses:
-            setattr(use.owner, use.attr, value)
-
-
-@dataclass(eq=False)
-class Entry:
-    """One ``device_map`` key: its module, where it runs, whether its weights are offloaded, and its tensors.
-    Built in chapter 05."""
-
-    name: str
-    module: nn.Module = field(repr=False)
-    runs_on: torch.device
-    offload: Optional[str]  # None (resident on runs_on), "cpu" (host RAM) or "disk" (a file)
-    tensors: list[TensorRef] = field(repr=False)  # every tensor with a use inside the module
-    file: Optional[Path] = None  # "disk": its safetensors file
-    host: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # "cpu": its weights in host RAM
-
-    def uses(self, tensor: TensorRef) -> list[Use]:
-        """The uses of ``tensor`` inside this entry's module."""
-        return [use for use in tensor.uses if is_inside(use.name, self.name)]
-
-    @property
-    def weights(self) -> list[TensorRef]:
-        """What an offloaded entry attaches and detaches: its parameters (its buffers stay where it runs)."""
-        return [t for t in self.tensors if t.is_parameter] if self.offload else []
-
-
-@dataclass(eq=False)
-class Plan:
-    """What ``dispatch`` does to a model: its entries in module order, and where they run. Built in chapter 05."""
-
-    model: nn.Module = field(repr=False)
-    entries: list[Entry]
-    execution_device: torch.device  # where offloaded entries run
-    checkpoint: Optional[Path] = None  # where meta tensors are read from
 
 
 # --------------------------------------------------------------------------- checking a request

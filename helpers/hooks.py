@@ -1,6 +1,8 @@
 """Hooks: what runs a dispatched model, entry by entry. Built in chapter 05.
 
-``attach(plan)`` registers two plain PyTorch hooks per entry of a ``helpers.dispatch.Plan``. The forward
+The records a plan is made of (``Entry``: one ``device_map`` key; ``TensorRef``: one tensor object and every
+``Use`` of it; ``Plan``) live here, below ``helpers.dispatch``, which makes them. ``attach(plan)`` registers two
+plain PyTorch hooks per entry of a plan. The forward
 *pre*-hook brings an offloaded entry's weights to the execution device and moves the inputs to where the entry
 runs; the forward hook puts the weights back on ``meta``, so they stop costing memory. The hooks are thin: what
 to load and when is the ``Prefetcher``'s (with ``prefetch=True`` it loads the *next* offloaded entry, in
@@ -15,20 +17,90 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import Future
+from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any, Optional
+from pathlib import Path
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from helpers.layout import pieces_of
+from helpers.meta import is_inside
 from helpers.reader import READS, BlockReader, Loaded
 from helpers.tensorfiles import read_header
 
-if TYPE_CHECKING:
-    from helpers.dispatch import Entry, Plan
+__all__ = ["Use", "TensorRef", "Entry", "Plan", "DISK_READS", "check_disk_read", "attach", "Hooks", "Prefetcher",
+           "Timeline"]
 
-__all__ = ["DISK_READS", "check_disk_read", "attach", "Hooks", "Prefetcher", "Timeline"]
+# --------------------------------------------------------------------------- the records
+
+@dataclass(frozen=True)
+class Use:
+    """One place that holds a tensor: attribute ``attr`` of module ``owner``, which the model calls ``name``.
+    Built in chapter 05."""
+
+    name: str
+    owner: nn.Module = field(repr=False)
+    attr: str
+
+
+@dataclass(eq=False)
+class TensorRef:
+    """One tensor object and every ``Use`` of it (a tied weight has several); it is known by its first use's name.
+    Built in chapter 05."""
+
+    uses: list[Use]
+    is_parameter: bool
+    persistent: bool  # in the state dict, so a checkpoint can hold it (a non-persistent buffer is not)
+
+    @property
+    def name(self) -> str:
+        return self.uses[0].name
+
+    def get(self) -> torch.Tensor:
+        return getattr(self.uses[0].owner, self.uses[0].attr)
+
+    def set(self, value: torch.Tensor, uses: Optional[list[Use]] = None) -> None:
+        """Make every use (or only ``uses``) hold ``value``, one ``Parameter`` for all of them: ties stay ties."""
+        if self.is_parameter and not isinstance(value, nn.Parameter):
+            value = nn.Parameter(value, requires_grad=False)
+        for use in self.uses if uses is None else uses:
+            setattr(use.owner, use.attr, value)
+
+
+@dataclass(eq=False)
+class Entry:
+    """One ``device_map`` key: its module, where it runs, whether its weights are offloaded, and its tensors.
+    Built in chapter 05."""
+
+    name: str
+    module: nn.Module = field(repr=False)
+    runs_on: torch.device
+    offload: Optional[str]  # None (resident on runs_on), "cpu" (host RAM) or "disk" (a file)
+    tensors: list[TensorRef] = field(repr=False)  # every tensor with a use inside the module
+    file: Optional[Path] = None  # "disk": its safetensors file
+    host: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # "cpu": its weights in host RAM
+
+    def uses(self, tensor: TensorRef) -> list[Use]:
+        """The uses of ``tensor`` inside this entry's module."""
+        return [use for use in tensor.uses if is_inside(use.name, self.name)]
+
+    @property
+    def weights(self) -> list[TensorRef]:
+        """What an offloaded entry attaches and detaches: its parameters (its buffers stay where it runs)."""
+        return [t for t in self.tensors if t.is_parameter] if self.offload else []
+
+
+@dataclass(eq=False)
+class Plan:
+    """What ``dispatch`` does to a model: its entries in module order, and where they run. Built in chapter 05."""
+
+    model: nn.Module = field(repr=False)
+    entries: list[Entry]
+    execution_device: torch.device  # where offloaded entries run
+    checkpoint: Optional[Path] = None  # where meta tensors are read from
+
 
 DISK_READS = READS  # how a "disk" entry is read: ("direct", "buffered", "map"), through helpers.reader
 

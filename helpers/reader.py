@@ -109,6 +109,16 @@ def _aligned(nbytes: int, *, pin: bool = False) -> torch.Tensor:
     return raw[skip:skip + nbytes].zero_()
 
 
+def _one_core() -> None:
+    """Start of each reader thread: its torch ops run on one core. A second thread that runs a parallel op gets
+    an OpenMP team of its own; with more OpenMP threads than cores, libgomp stops spinning between parallel
+    regions, and every small op of the *compute* thread then waits for its helpers to wake (on 2 cores: 3x
+    slower, long after the read). Under OpenMP the setting is the calling thread's own; elsewhere it would be
+    the whole process's, so it is left alone there."""
+    if "parallel backend: OpenMP" in torch.__config__.parallel_info():
+        torch.set_num_threads(1)
+
+
 class BlockReader:
     """Reads blocks (lists of ``layout.Piece``) from disk onto ``device``. Built in chapter 08; chapter 05's
     dispatcher reads through it too.
@@ -135,8 +145,8 @@ class BlockReader:
         self._free: deque[_Slot] = deque()  # slots given back, the oldest first
         self._computed: dict[int, "torch.cuda.Event"] = {}  # CUDA: load number -> its block's compute, done
         self._lock = threading.Lock()
-        self._requests = ThreadPoolExecutor(in_flight, thread_name_prefix="block-read")
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix=thread_name)
+        self._requests = ThreadPoolExecutor(in_flight, thread_name_prefix="block-read", initializer=_one_core)
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix=thread_name, initializer=_one_core)
         self._loads = 0
         self.closed = False
 

@@ -188,3 +188,18 @@ def test_slots_are_made_at_the_size_asked_and_never_grow(shard):
         reader.release(first)
         second = reader.load(block_a(shard))
         assert second.slot.buffer is buffer  # the same memory, not a new allocation
+
+
+@pytest.mark.skipif("parallel backend: OpenMP" not in torch.__config__.parallel_info(),
+                    reason="the one-core rule applies where torch's threads are OpenMP's (per thread)")
+def test_the_readers_threads_compute_on_one_core_and_leave_the_callers_threads_alone(shard):
+    """A reader thread with an OpenMP team of its own would slow every small op of the compute thread."""
+    before, seen = torch.get_num_threads(), []
+
+    def transform(state):
+        seen.append(torch.get_num_threads())
+        return state
+
+    with BlockReader("cpu", read="buffered") as reader:
+        reader.release(reader.submit(block_a(shard), transform=transform).result())
+    assert seen == [1] and torch.get_num_threads() == before

@@ -14,14 +14,13 @@ prefix's KV cache, and the adapter crops the cache to what was accepted.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional
+from typing import Callable, Optional
 
 import torch
 
 from .llama import ForwardState, Llama
 
-if TYPE_CHECKING:
-    from .streamer import LayerStreamer
+Verify = Callable[[ForwardState, str], torch.Tensor]  # one streamed pass over a state: LayerStreamer.pass_logits
 
 __all__ = ["Draft", "check_draft", "check_request", "speculate", "SpeculationStats", "CompressedLinear",
            "compressed_copy", "truncated_copy", "footprint_bytes"]
@@ -100,11 +99,11 @@ def check_draft(draft, vocab_size: int, draft_tokens: int) -> None:
                          f"model's {vocab_size}: a draft must share the tokenizer")
 
 
-def check_request(streamer: "LayerStreamer", ids: torch.Tensor, mask: Optional[torch.Tensor], max_new_tokens: int,
+def check_request(llama: Llama, ids: torch.Tensor, mask: Optional[torch.Tensor], max_new_tokens: int,
                   do_sample: bool, draft, draft_tokens: int) -> None:
     """Every refusal of ``generate(..., draft=...)``, before anything is read: a bad draft, sampling, more than
     one sequence or padding, a sliding window the verification would pass. Built in chapter 09."""
-    check_draft(draft, streamer.config.vocab_size, draft_tokens)
+    check_draft(draft, llama.config.vocab_size, draft_tokens)
     if do_sample:
         raise ValueError("do_sample=True with a draft is not supported: speculative decoding here is greedy "
                          "(its output equals plain greedy decoding); sample without a draft")
@@ -112,25 +111,25 @@ def check_request(streamer: "LayerStreamer", ids: torch.Tensor, mask: Optional[t
     if ids.shape[0] != 1 or padded:
         raise ValueError(f"a draft verifies one sequence at a time; got a batch of {ids.shape[0]}"
                          + (" with padding" if padded else ""))
-    streamer.llama.check_window(ids.shape[1] + max_new_tokens + draft_tokens)
+    llama.check_window(ids.shape[1] + max_new_tokens + draft_tokens)
 
 
-def speculate(streamer: "LayerStreamer", ids: torch.Tensor, max_new_tokens: int, draft, draft_tokens: int,
+def speculate(verify: Verify, llama: Llama, ids: torch.Tensor, max_new_tokens: int, draft, draft_tokens: int,
               eos_token_id: Optional[int] = None) -> tuple[torch.Tensor, SpeculationStats]:
-    """Greedy generation of up to ``max_new_tokens`` after ``ids`` (1, P), each streamed pass verifying
-    ``draft_tokens`` tokens the draft proposed. Returns the ids (prompt included) and what it did. Built in
-    chapter 09."""
-    llama, stats = streamer.llama, SpeculationStats()
+    """Greedy generation of up to ``max_new_tokens`` after ``ids`` (1, P), each streamed pass (``verify``, the
+    streamer's ``pass_logits``) checking ``draft_tokens`` tokens the draft proposed; ``llama`` makes and crops
+    the cache. Returns the ids (prompt included) and what it did. Built in chapter 09."""
+    stats = SpeculationStats()
     cache, drafter = llama.new_cache(), Draft(draft, _device_of(draft))
-    logits = streamer.pass_logits(ForwardState(ids, cache=cache, last_only=True), "prefill")
+    logits = verify(ForwardState(ids, cache=cache, last_only=True), "prefill")
     new = logits[:, -1].argmax(-1, keepdim=True)               # the target's own first token
     drafter.start(torch.cat([ids, new], dim=1))
     out, stats.passes = [new], 1
     while sum(t.shape[1] for t in out) < max_new_tokens and not _ended(out, eos_token_id):
         k = min(draft_tokens, max_new_tokens - sum(t.shape[1] for t in out))
         proposal = drafter.propose(k)                          # the draft's guesses, cheap
-        verify = torch.cat([new, proposal], dim=1)             # one pass over the last token and the guesses
-        logits = streamer.pass_logits(ForwardState(verify, cache=cache), f"verify {stats.passes}")
+        guesses = torch.cat([new, proposal], dim=1)            # one pass over the last token and the guesses
+        logits = verify(ForwardState(guesses, cache=cache), f"verify {stats.passes}")
         choice = logits[0].argmax(-1)[None]                    # the target's own token after each position
         agree = (proposal == choice[:, :k])[0].int()
         kept = int(agree.cumprod(0).sum())                     # the longest prefix it agrees with

@@ -24,6 +24,7 @@ from helpers.tensorfiles import CheckpointError
 
 from .engine import BlockSource, BlockTimeline, Progress, Resident, stream_pass
 from .llama import Block, ForwardState, Llama, Role, ScoreState
+from .speculative import check_request, speculate
 
 __all__ = ["LayerStreamer", "choose_resident", "group_in_order", "pick", "predicted_peak_bytes"]
 
@@ -189,10 +190,9 @@ class LayerStreamer:
         ids = self._ids(input_ids, "input_ids")
         mask = padding_mask(attention_mask, ids)
         if draft is not None:
-            from .speculative import check_request, speculate
-
-            check_request(self, ids, mask, max_new_tokens, do_sample, draft, draft_tokens)  # before any read
-            out, self.speculation = speculate(self, ids, max_new_tokens, draft, draft_tokens, eos_token_id)
+            check_request(self.llama, ids, mask, max_new_tokens, do_sample, draft, draft_tokens)  # before any read
+            out, self.speculation = speculate(self.pass_logits, self.llama, ids, max_new_tokens, draft,
+                                              draft_tokens, eos_token_id)
             return out
         pos = None if mask is None else (mask.cumsum(-1) - 1).clamp(min=0)  # as HF generate does for left padding
         gen = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
