@@ -30,10 +30,12 @@ __all__ = [
 ]
 
 DATA_DIR = Path(__file__).with_name("data")
-# What a CUDA context (driver, kernels, cuBLAS workspaces) takes on the GPU before any tensor, as published:
-# accelerate's "Big Model Inference" guide (https://huggingface.co/docs/accelerate/usage_guides/big_modeling) and,
-# translating it, the 2023 ChatGLM-6B deployment guide quote 1-2 GB, "depending on the GPU". It is *not* in
-# torch.cuda.max_memory_allocated(); nvidia-smi shows it.
+# What a CUDA context (the driver's state and the loaded kernels) takes on the GPU before any tensor, as published:
+# accelerate's "big model inference" concept guide
+# (https://huggingface.co/docs/accelerate/concept_guides/big_model_inference) and, translating it, the 2023
+# ChatGLM-6B deployment guide quote 1-2 GB, "depending on the GPU". The context is *not* in
+# torch.cuda.max_memory_allocated(); nvidia-smi shows it. (cuBLAS's workspaces are: they come from the caching
+# allocator.)
 # This is the figure planned with where nothing was measured: on a CUDA machine, measure it instead with
 # helpers.memory.cuda_context_bytes() (chapter 00) and pass it as estimate(..., context_bytes=...).
 CUDA_CONTEXT_BYTES = 2**30

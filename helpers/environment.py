@@ -78,8 +78,15 @@ def requirements() -> list[str]:
     Built in chapter 00."""
     from packaging.requirements import Requirement
 
+    try:
+        lines = metadata.requires(DIST) or []
+    except metadata.PackageNotFoundError:  # helpers imported from a checkout that pip never installed
+        raise RuntimeVersionError(
+            f"helpers was imported from {Path(__file__).parent.parent}, but its package {DIST!r} is not installed, "
+            "so its requirements cannot be checked: run `pip install -e .` in that folder (or `make setup`), "
+            "then restart the kernel") from None
     found = []
-    for line in metadata.requires(DIST) or []:
+    for line in lines:
         req = Requirement(line)
         if req.marker is None or req.marker.evaluate({"extra": ""}):
             found.append(str(req))

@@ -7,11 +7,13 @@ above what was resident when the block started. On Linux the kernel keeps that
 peak for us (``VmHWM`` in ``/proc/self/status``) and lets us reset it by writing
 ``5`` to ``/proc/self/clear_refs``; elsewhere a background thread samples RSS.
 
-RSS mixes two kinds of page. *Anonymous* pages (``RssAnon``: tensors, the Python heap) exist nowhere else:
-they are what a process really costs. *File-backed* pages (``RssFile``: a memory-mapped safetensors
-checkpoint, shared libraries) are copies of a file the kernel can drop under memory pressure and read again.
+RSS mixes three kinds of page, two of which a model load touches. *Anonymous* pages (``RssAnon``: tensors,
+the Python heap) exist nowhere else: they are what a process really costs. *File-backed* pages (``RssFile``: a
+memory-mapped safetensors checkpoint, shared libraries) are copies of a file the kernel can drop under memory
+pressure and read again.
 ``measure()`` reports both peaks apart where the OS says which is which (Linux), so that "loading took
-3 GiB" can be read as "0.1 GiB of it was tensors, 2.9 GiB was the checkpoint's cached pages".
+3 GiB" can be read as "0.1 GiB of it was tensors, 2.9 GiB was the checkpoint's cached pages". The third kind,
+shared memory (``RssShmem``), completes the sum in ``rss_split``.
 """
 
 from __future__ import annotations

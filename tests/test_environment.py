@@ -92,3 +92,14 @@ def test_a_library_upgraded_after_import_asks_for_a_restart(monkeypatch):
 def test_in_a_notebook_the_error_is_one_line():
     lines = RuntimeVersionError("this chapter needs x>=2, this runtime has 1: run ...")._render_traceback_()
     assert lines == ["RuntimeVersionError: this chapter needs x>=2, this runtime has 1: run ..."]
+
+
+def test_an_uninstalled_checkout_says_how_to_install_it(monkeypatch):
+    from helpers import environment
+
+    def missing(name):
+        raise environment.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(environment.metadata, "requires", missing)
+    with pytest.raises(RuntimeVersionError, match=r"'bigger-than-memory' is not installed.*pip install -e"):
+        prepare()
