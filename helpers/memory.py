@@ -26,6 +26,7 @@ import math
 import re
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -133,13 +134,34 @@ def rss_split() -> Optional[dict]:
     return values
 
 
+_HWM_SLACK = 4 * 2**20  # after a reset, VmHWM may exceed VmRSS by what was allocated and freed meanwhile
+
+
 def _reset_hwm() -> bool:
-    """Reset the kernel's peak-RSS counter (VmHWM); False where that is not possible."""
+    """Reset the kernel's peak-RSS counter (VmHWM); False where that is not possible. A reset that is accepted but
+    leaves the old peak in place (some sandboxed kernels) counts as not possible, and is said once."""
     try:
         _CLEAR_REFS.write_text("5")
     except OSError:
         return False
-    return _read_status_kib("VmHWM") is not None
+    hwm, rss = _read_status_kib("VmHWM"), _read_status_kib("VmRSS")
+    if hwm is None or rss is None:
+        return False
+    if hwm > rss + _HWM_SLACK:
+        _say_once("hwm-reset", "this kernel accepts a reset of the peak-RSS counter (/proc/self/clear_refs) but "
+                  f"keeps the old peak ({hwm / 2**20:.0f} MiB against {rss / 2**20:.0f} MiB resident): measure() "
+                  "samples RSS in a thread instead, which can miss a spike shorter than its sample_interval")
+        return False
+    return True
+
+
+_said: set[str] = set()
+
+
+def _say_once(key: str, message: str) -> None:
+    if key not in _said:
+        _said.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def _cuda_available() -> bool:
@@ -329,12 +351,14 @@ def cuda_context_bytes(device: int = 0, *, details: bool = False):
     """What CUDA itself takes on GPU ``device`` beyond PyTorch's tensors, measured in a fresh process; ``None``
     without CUDA. Built in chapter 00.
 
-    A new Python process creates the CUDA context (``torch.cuda.mem_get_info``), allocates a first tensor and
-    runs a first matmul (which loads cuBLAS and, with lazy module loading, the kernels it needs), then reads
-    ``mem_get_info`` again. The result is the device memory in use minus ``torch.cuda.memory_reserved()``:
-    the context, loaded kernels and library workspaces that ``max_memory_allocated`` never shows but
-    ``nvidia-smi`` does. It assumes no other process uses the GPU (as on Colab or Kaggle); on a shared GPU their
-    memory is counted too. ``details=True`` returns the probe's raw figures as a dict instead.
+    This process first reads what is already in use on the device (``torch.cuda.mem_get_info``: its own context
+    and tensors, if it has them, and other processes'). A new Python process then creates a context of its own,
+    allocates a first tensor and runs a first matmul (which loads cuBLAS and, with lazy module loading, the kernels
+    it needs), and reads ``mem_get_info`` again. The result is what the new process added, minus what its
+    allocator reserved (``torch.cuda.memory_reserved()``): the context and loaded kernels that
+    ``max_memory_allocated`` never shows but ``nvidia-smi`` does. Another process allocating meanwhile would be
+    counted. ``details=True`` returns the probe's figures as a dict instead (``used_*``: what the new process
+    added; ``in_use_before``: what was in use before it started).
     """
     import json
     import subprocess
@@ -348,9 +372,13 @@ def cuda_context_bytes(device: int = 0, *, details: bool = False):
 
     if device >= torch.cuda.device_count():
         raise ValueError(f"device {device!r} does not exist; torch sees {torch.cuda.device_count()} CUDA device(s)")
+    free, total = torch.cuda.mem_get_info(device)  # this process's context, if any, is not the probe's
     out = subprocess.run([sys.executable, "-c", _CONTEXT_PROBE, str(device)], capture_output=True, text=True,
                          check=True, timeout=300)
     probe = json.loads(out.stdout.strip().splitlines()[-1])
+    before = total - free
+    probe.update(in_use_before=before, used_at_init=probe["used_at_init"] - before,
+                 used_after_first_ops=probe["used_after_first_ops"] - before)
     outside = probe["used_after_first_ops"] - probe["reserved_by_torch"]
     if details:
         return {**probe, "outside_torch": outside}

@@ -203,6 +203,20 @@ def test_cuda_context_bytes_is_measured():
     assert probe["total"] == torch.cuda.mem_get_info(0)[1]
 
 
+@pytest.mark.cuda
+def test_cuda_context_bytes_leaves_out_what_this_process_holds():
+    """The probe's context only: this process's own context and 2 GiB of its tensors are not counted."""
+    import torch
+
+    from helpers.memory import cuda_context_bytes
+
+    held = torch.empty(2 * 2**30, dtype=torch.uint8, device="cuda")
+    probe = cuda_context_bytes(details=True)
+    assert probe["in_use_before"] >= held.numel()
+    assert 0 < probe["outside_torch"] < held.numel(), format_size(probe["outside_torch"])
+    del held
+
+
 def test_cuda_context_bytes_without_cuda_or_bad_device():
     import torch
 
@@ -212,3 +226,20 @@ def test_cuda_context_bytes_without_cuda_or_bad_device():
         cuda_context_bytes(-1)
     if not torch.cuda.is_available():
         assert cuda_context_bytes() is None
+
+
+def test_a_peak_counter_that_does_not_reset_makes_measure_sample_and_say_so(monkeypatch):
+    """Some sandboxed kernels accept the write to clear_refs and keep the old VmHWM: measure() must not report it."""
+    from helpers import memory
+
+    if memory._read_status_kib("VmHWM") is None:
+        pytest.skip("no VmHWM on this OS: measure() samples anyway")
+    monkeypatch.setattr(memory, "_CLEAR_REFS", type("Accepts", (), {"write_text": lambda self, text: None})())
+    real = memory._read_status_kib
+    monkeypatch.setattr(memory, "_read_status_kib",
+                        lambda key: real(key) + 2**30 if key == "VmHWM" else real(key))  # an old, 1 GiB higher peak
+    monkeypatch.setattr(memory, "_said", set())
+    with pytest.warns(RuntimeWarning, match="keeps the old peak"):
+        with measure() as m:
+            pass
+    assert m.method == "sampling" and m.cpu_peak_bytes < 2**30
