@@ -78,7 +78,6 @@ def test_the_lock_satisfies_every_requirement_but_torch():
 
 
 def test_pyproject_is_the_one_list():
-    assert not (ROOT / "requirements.txt").exists(), "requirements.txt is back: pyproject.toml is the one list"
     names = [canonicalize_name(r.name) for r in _declared()]
     assert sorted({n for n in names if names.count(n) > 1}) == [], "named twice in pyproject.toml"
     # the chapters' first cells name a few bounds of their own (chapter 06: bitsandbytes); they must be the same
@@ -96,7 +95,7 @@ def test_pyproject_is_the_one_list():
                 assert bounds.get(canonicalize_name(req.name)) == req.specifier, \
                     f"{chapter} asks for {req}; pyproject.toml has {bounds.get(canonicalize_name(req.name))}"
     pinned = rf"{re.escape(model.name)}==[0-9](?:[0-9A-Za-z.+!]*[0-9A-Za-z])?"
-    for path in ("README.md", "scripts/test-latest.sh"):  # the model package is pinned the same everywhere
+    for path in ("README.md", "scripts/test-latest.sh", "requirements.txt"):  # the model package: one pin everywhere
         pins = set(re.findall(pinned, (ROOT / path).read_text()))
         assert pins == {str(model)}, f"{path} pins {sorted(pins)}, the Makefile {model}"
 
@@ -162,3 +161,10 @@ def test_every_chapter_starts_with_the_install_and_version_check():
         assert 'REPO = os.environ.get("BOOK_REPO"' in first, chapter
         assert "returncode != 0" in first and "raise RuntimeError" in first, chapter  # failed installs stop
         assert "from helpers.environment import prepare\n\nprepare(" in first, chapter
+
+
+def test_requirements_txt_installs_helpers_with_the_book_extra_and_repeats_nothing():
+    """requirements.txt is for readers outside Colab: it points at pyproject.toml, the one list, and lists nothing."""
+    lines = [line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
+    assert [line for line in lines if line and not line.startswith("#")] == ["-e .[book]"]
+    assert "book" in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
