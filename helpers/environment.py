@@ -15,7 +15,7 @@ import psutil
 
 from .memory import format_size
 
-__all__ = ["in_colab", "in_kaggle", "report", "prepare", "requirements", "RuntimeVersionError", "PACKAGES"]
+__all__ = ["in_colab", "in_kaggle", "report", "ran_where", "prepare", "requirements", "RuntimeVersionError", "PACKAGES"]
 
 DIST = "bigger-than-memory"  # the distribution that installs helpers
 
@@ -62,6 +62,19 @@ def report(path: str | Path = ".") -> dict[str, str]:
     else:
         info["GPU"] = "none (CPU only)"
     return info
+
+
+def ran_where(info: Optional[dict[str, str]] = None) -> str:
+    """One sentence (Markdown) saying what ran a chapter: machine, device and the versions that made its numbers,
+    and, plainly, when no GPU ran. ``info`` is a :func:`report` (default: this runtime's). Built in chapter 00."""
+    info = report() if info is None else info
+    versions = ", ".join(f"{name} {info[name]}" for name in ("torch", "transformers", "accelerate", "bitsandbytes")
+                         if info.get(name, "not installed") != "not installed")
+    gpu = info.get("GPU", "none (CPU only)")
+    device = (f"on {gpu}" if not gpu.startswith("none")
+              else "on the CPU: **no GPU ran**, so every GPU figure in this chapter is computed, none measured")
+    return (f"**What ran where.** {info['runtime']} {info['platform']} machine, {info['cpu cores']} CPU cores, "
+            f"{info['RAM total']} of RAM, computing {device}; Python {info['python']}, {versions}.")
 
 
 # --------------------------------------------------------------------------- the first cell of every chapter
@@ -116,7 +129,8 @@ def _problem(line: str) -> Optional[str]:
 
 
 def prepare(*needs: str) -> None:
-    """The first cell of every chapter: check the libraries, and turn the libraries' own progress bars off.
+    """The first cell of every chapter: check the libraries, turn the libraries' own progress bars off, and say
+    what runs the chapter (:func:`ran_where`, displayed as Markdown in a notebook, printed elsewhere).
 
     Checks every requirement of ``helpers`` and the chapter's extra ``needs`` (e.g. ``"bitsandbytes>=0.50"``),
     then raises :class:`RuntimeVersionError` with one sentence for the first that does not hold, before any
@@ -134,3 +148,13 @@ def prepare(*needs: str) -> None:
         sys.modules["huggingface_hub"].utils.disable_progress_bars()
     if "transformers" in sys.modules:
         sys.modules["transformers"].utils.logging.disable_progress_bar()
+    line = ran_where()
+    try:
+        from IPython import get_ipython
+        from IPython.display import Markdown, display
+    except ImportError:  # helpers needs no IPython outside a notebook
+        get_ipython = None
+    if get_ipython is not None and get_ipython() is not None:
+        display(Markdown(line))
+    else:
+        print(line)

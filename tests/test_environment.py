@@ -103,3 +103,21 @@ def test_an_uninstalled_checkout_says_how_to_install_it(monkeypatch):
     monkeypatch.setattr(environment.metadata, "requires", missing)
     with pytest.raises(RuntimeVersionError, match=r"'bigger-than-memory' is not installed.*pip install -e"):
         prepare()
+
+
+def test_ran_where_names_the_machine_the_device_and_the_versions():
+    from helpers.environment import ran_where
+
+    info = {"runtime": "local", "platform": "Linux x86_64", "cpu cores": "2", "RAM total": "23.5 GiB",
+            "python": "3.11.9", "torch": "2.13.0", "transformers": "5.24.0", "accelerate": "1.15.0",
+            "bitsandbytes": "not installed", "GPU": "none (CPU only)"}
+    line = ran_where(info)
+    assert "2 CPU cores" in line and "23.5 GiB" in line and "torch 2.13.0, transformers 5.24.0" in line
+    assert "no GPU ran" in line and "bitsandbytes" not in line          # no version claimed for what is absent
+    on_gpu = ran_where({**info, "GPU": "1 x Tesla T4, 14.7 GiB"})
+    assert "on 1 x Tesla T4, 14.7 GiB" in on_gpu and "no GPU ran" not in on_gpu
+
+
+def test_prepare_says_what_ran_where(capsys):
+    prepare("numpy>=1")
+    assert capsys.readouterr().out.startswith("**What ran where.**")
