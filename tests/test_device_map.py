@@ -305,3 +305,23 @@ def test_validate_accepts_good_maps_and_flags_split_ties():
     validate_device_map(model, {"embed": 0, "layers": 0, "norm": 1, "head": 0})
     with pytest.raises(ValueError, match="tied parameters"):
         validate_device_map(model, {"embed": 0, "layers": 0, "norm": 1, "head": 1})
+
+
+def test_transformers_budget_for_pretend_gpus_survives_an_initialised_cuda(monkeypatch):
+    """Chapter 04 plans for two GPUs a one-GPU Colab does not have. Once CUDA is initialised there, transformers'
+    get_max_memory asks torch.cuda.memory_reserved(1), which raises "Invalid device argument"; transformers 5.24
+    catches that (and counts no reserved memory). Pretend CUDA is up and device 1 is missing: the budget must
+    still come back as the caps the chapter gave."""
+    import torch
+    from transformers.integrations.accelerate import get_max_memory
+
+    def no_such_device(device=None):
+        if device not in (None, 0):
+            raise RuntimeError("Invalid device argument : did you call init?")
+        return 0
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", no_such_device)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", no_such_device)
+    caps = {0: 100 * 2**20, 1: 100 * 2**20, "cpu": 2**30}
+    assert get_max_memory(dict(caps)) == caps

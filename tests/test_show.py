@@ -2,7 +2,7 @@ import inspect
 
 import pytest
 
-from helpers.show import Source, show
+from helpers.show import Source, show, version_of
 
 
 def sample(values):
@@ -21,14 +21,24 @@ def test_show_is_the_source_in_text_and_highlighted_in_html():
     assert f"{__name__}.sample" in html and "<span" in html and "<style" not in html
 
 
-def test_show_excerpt_marks_what_it_leaves_out():
-    assert repr(show(sample, "total +=")).splitlines() == ["...", "        total += v", "..."]
+def test_show_excerpt_marks_what_it_leaves_out_and_names_its_version():
+    stamp = f"# in {version_of(sample)}, {__name__}.sample reads:"
+    assert repr(show(sample, "total +=")).splitlines() == [stamp, "...", "        total += v", "..."]
     assert repr(show(sample, "def sample", "return")).splitlines() == \
-        ["def sample(values):", "...", "    return total"]  # nothing left out after the last line: no mark
+        [stamp, "def sample(values):", "...", "    return total"]  # nothing left out after the last line: no mark
 
 
-def test_show_says_when_a_needle_matches_nothing():
-    with pytest.raises(ValueError, match=f"no line of {__name__}.sample contains 'not there'"):
-        show(sample, "not there")
+def test_a_needle_that_matches_nothing_is_said_not_raised():
+    lines = repr(show(sample, "total +=", "not there")).splitlines()
+    assert lines[1:4] == ["...", "        total += v", "..."]
+    assert lines[-1].startswith("# no line of this version contains 'not there'")
     with pytest.raises(TypeError, match="needs a function"):
         show(len)
+
+
+def test_version_of_names_the_distribution_and_its_version():
+    import transformers
+    from transformers import PreTrainedModel
+
+    assert version_of(PreTrainedModel) == f"transformers {transformers.__version__}"
+    assert version_of(transformers) == f"transformers {transformers.__version__}"
