@@ -227,18 +227,30 @@ def _quant_state_tensors(param) -> list[torch.Tensor]:
     return [scb] if isinstance(scb, torch.Tensor) else []
 
 
+def stored_tensors(t: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors that hold ``t``'s bytes: ``t`` itself, or, for a wrapper subclass such as optimum-quanto's
+    quantized weights, the inner tensors its ``__tensor_flatten__`` names (codes, scales, shifts), recursively.
+    Built in chapter 06."""
+    flatten = getattr(t, "__tensor_flatten__", None)
+    if flatten is None or type(t) in (torch.Tensor, torch.nn.Parameter):
+        return [t]
+    names, _ = flatten()
+    return [leaf for name in names for leaf in stored_tensors(getattr(t, name))]
+
+
 def model_bytes(model: torch.nn.Module) -> dict[str, int]:
     """Bytes a model keeps: ``{"parameters": ..., "buffers": ..., "quant_state": ...}``, each storage counted
     once (tied weights, shared code books). ``quant_state`` is what bitsandbytes holds outside the parameters
     (block absmaxes, nested absmaxes, code books, int8 row scales), which ``get_memory_footprint()`` leaves
-    out. Built in chapter 06."""
+    out. A quantized weight that is a tensor subclass (optimum-quanto's) counts the tensors it is made of
+    (:func:`stored_tensors`). Built in chapter 06."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     seen: set[tuple[str, int]] = set()
 
     def size(tensors) -> int:
         total = 0
-        for t in tensors:
+        for t in (leaf for tensor in tensors for leaf in stored_tensors(tensor)):
             key = (t.device.type, t.untyped_storage().data_ptr())
             if key not in seen:
                 seen.add(key)
