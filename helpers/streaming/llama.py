@@ -18,8 +18,8 @@ from typing import Mapping, Optional, Sequence, Union
 
 import torch
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "check_architecture", "Role", "Block", "llama_blocks", "Llama",
-           "ForwardState", "ScoreState"]
+__all__ = ["SUPPORTED_MODEL_TYPES", "check_architecture", "written_causal_mask", "Role", "Block", "llama_blocks",
+           "Llama", "ForwardState", "ScoreState"]
 
 # model_type -> why its decoder layers run unchanged under the streamer's Llama forward
 SUPPORTED_MODEL_TYPES = {
@@ -50,6 +50,28 @@ def check_architecture(config) -> Optional[int]:
     if model_type == "mistral" or "sliding_attention" in layer_types:
         return window
     return None
+
+
+def written_causal_mask(device_type: str, capability: Optional[tuple[int, int]], *,
+                        attn_implementation: Optional[str], gqa: bool) -> bool:
+    """Whether every layer gets its causal mask written out, rather than None and SDPA's ``is_causal``.
+    Built in chapter 08.
+
+    True only for SDPA attention with GQA on a CUDA GPU older than sm80 (a T4 is (7, 5)). With no mask,
+    transformers 5.24 (``use_gqa_in_sdpa`` in ``transformers/integrations/sdpa_attention.py``) passes
+    ``enable_gqa=True``; flash attention needs sm80, PyTorch's memory-efficient kernel refuses GQA (up to
+    torch 2.13), so the MATH kernel runs and writes out the batch x heads x q x kv score matrix in fp32
+    (``helpers.attention.sdpa_backend``). With a mask, transformers repeats the key/value heads itself (one
+    query token: it folds the query heads instead) and the memory-efficient kernel runs. Elsewhere the
+    ``is_causal`` path is as fast or faster, and the outputs are the same either way.
+    """
+    if not isinstance(device_type, str) or not isinstance(gqa, bool):
+        raise ValueError(f"device_type {device_type!r} must be a str and gqa {gqa!r} a bool")
+    if capability is not None and (not isinstance(capability, tuple) or len(capability) != 2
+                                   or not all(isinstance(x, int) and not isinstance(x, bool) for x in capability)):
+        raise ValueError(f"capability {capability!r} must be None or a (major, minor) tuple of ints")
+    return (device_type == "cuda" and capability is not None and capability < (8, 0)
+            and attn_implementation == "sdpa" and gqa)
 
 
 class Role(enum.Enum):
@@ -180,6 +202,12 @@ class Llama:
         self.blocks: list[Block] = []
         rotary = self.model.model.rotary_emb  # buffers only: rebuilt for real on the device
         self.rotary_emb = type(rotary)(config=self.model.config).to(device)
+        device = torch.device(device)
+        capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+        heads = self.config.num_attention_heads
+        self.written_mask = written_causal_mask(  # masks made by create_causal_mask, never None (a T4 with GQA)
+            device.type, capability, attn_implementation=self.model.config._attn_implementation,
+            gqa=(getattr(self.config, "num_key_value_heads", None) or heads) < heads)
 
     def find_blocks(self, names: Sequence[str]) -> list[Block]:
         """The skeleton's blocks for the block names on disk, in execution order (``llama_blocks``)."""
@@ -242,7 +270,8 @@ class Llama:
                 past = self.cached_tokens(s.cache)
                 s.position_ids = torch.arange(past, past + s.ids.shape[1], device=self.device)[None]
             s.causal_mask = create_causal_mask(config=self.model.config, inputs_embeds=s.hidden,
-                                               attention_mask=s.mask, cache=s.cache, position_ids=s.position_ids)
+                                               attention_mask=s.mask, cache=s.cache, position_ids=s.position_ids,
+                                               allow_is_causal_skip=not self.written_mask)
             s.position_embeddings = self.rotary_emb(s.hidden, position_ids=s.position_ids)
         elif block.role is Role.LAYER:
             s.hidden = block.module(s.hidden, attention_mask=s.causal_mask, position_ids=s.position_ids,
@@ -281,9 +310,11 @@ class Llama:
             s.prefix, s.suffixes = block.module(s.prefix_ids).to(self.dtype), block.module(s.suffix).to(self.dtype)
             prefix_positions = torch.arange(P, device=self.device)[None]
             s.prefix_embeddings = self.rotary_emb(s.prefix, prefix_positions)
-            # the prefix's own causal mask, as the model builds it (None for sdpa: its is_causal path)
+            # the prefix's own causal mask, as the model builds it (None for sdpa: its is_causal path, but see
+            # written_causal_mask)
             s.prefix_mask = create_causal_mask(config=self.model.config, inputs_embeds=s.prefix,
-                                               attention_mask=None, cache=s.cache, position_ids=prefix_positions)
+                                               attention_mask=None, cache=s.cache, position_ids=prefix_positions,
+                                               allow_is_causal_skip=not self.written_mask)
             s.suffix_embeddings = self.rotary_emb(s.suffixes, torch.arange(P, P + S, device=self.device)[None])
         elif block.role is Role.LAYER:
             s.prefix = block.module(s.prefix, attention_mask=s.prefix_mask, cache=s.cache, use_cache=True,

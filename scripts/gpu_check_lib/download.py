@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Iterable
 
 from . import say
-from .packages import canonicalize_name, carried_rows, carried_wheels
+from .packages import MODEL_PACKAGE, canonicalize_name, carried_rows, carried_wheels
 
 PYTHON_VERSION = "3.12"
 # pip matches manylinux_2_N exactly, so each glibc the wheels may be tagged for is named
@@ -59,8 +59,10 @@ def slim_wheel(wheel: Path, keep: Iterable[str]) -> int:
 
 
 def lock_pins(lock: Path) -> dict[str, str]:
-    """Canonical name -> version of each ``name==version`` line of requirements.lock."""
-    pins = {}
+    """Canonical name -> version of each ``name==version`` line of requirements.lock, and the book model's
+    package at its pin (``MODEL_PACKAGE``: installed --no-deps, so kept out of the lock)."""
+    name, _, version = MODEL_PACKAGE.partition("==")
+    pins = {canonicalize_name(name): version}
     for line in Path(lock).read_text().splitlines():
         name, sep, version = line.split("#")[0].strip().partition("==")
         if sep:

