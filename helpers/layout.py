@@ -54,15 +54,18 @@ INPUT_BLOCKS = {
 }
 TOKEN_TABLES = ("embed_tokens", "wte", "word_embeddings")  # of those, the token table a tied head reads
 _LAYER = re.compile(r"^(.+?\.\d+)(?:\.|$)")  # the first numbered part of a name: model.layers.3, transformer.h.0
+_PART = re.compile(r"\.weight\..+$")  # a part of a weight stored in parts: lm_head.weight.absmax, ...quant_map
 
 
 # --------------------------------------------------------------------------- naming
 
 def block_of(name: str) -> str:
     """The block a tensor belongs to: its numbered decoder layer (``model.layers.3``), else its module
-    (``model.embed_tokens.weight`` -> ``model.embed_tokens``). Built in chapter 03."""
+    (``model.embed_tokens.weight`` -> ``model.embed_tokens``). A part of a weight stored in parts (a codec's
+    ``lm_head.weight.absmax``, bitsandbytes' ``lm_head.weight.quant_state.bitsandbytes__nf4``) goes where its
+    weight goes. Built in chapter 03."""
     match = _LAYER.match(name)
-    return match.group(1) if match else name.rsplit(".", 1)[0]
+    return match.group(1) if match else _PART.sub(".weight", name).rsplit(".", 1)[0]
 
 
 def block_order(block: str) -> tuple:

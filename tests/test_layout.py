@@ -22,6 +22,9 @@ from helpers.tensorfiles import CheckpointError
     ("model.embed_tokens.weight", "model.embed_tokens"),
     ("model.norm.weight", "model.norm"),
     ("lm_head.weight", "lm_head"),
+    ("lm_head.weight.absmax", "lm_head"),  # a weight stored in parts (a codec's, bitsandbytes') goes with it
+    ("lm_head.weight.quant_state.bitsandbytes__nf4", "lm_head"),
+    ("model.layers.2.mlp.up_proj.weight.nested_quant_map", "model.layers.2"),
     ("transformer.h.0.attn.c_attn.bias", "transformer.h.0"),
     ("transformer.word_embeddings_layernorm.weight", "transformer.word_embeddings_layernorm"),
 ])

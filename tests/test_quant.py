@@ -378,3 +378,21 @@ def test_a_codecs_linear_is_the_product_with_its_decoded_weight(compression):
     parts = [stored["up_proj.weight" + s] for s in codec.suffixes]
     expected = torch.nn.functional.linear(x, codec.decode(parts, torch.float32), bias)
     torch.testing.assert_close(codec.linear(x, parts, bias), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_model_bytes_counts_a_tensor_subclass_by_what_it_stores():
+    """optimum-quanto's weights are tensor subclasses that report float32: model_bytes counts the int8 codes and
+    the scales they hold (stored_tensors), not the dtype they report."""
+    quanto = pytest.importorskip("optimum.quanto")
+    from helpers.quant import model_bytes, stored_tensors
+
+    plain = torch.ones(3)
+    assert stored_tensors(plain) == [plain]
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32, bias=False))
+    quanto.quantize(model, weights=quanto.qint8)
+    quanto.freeze(model)
+    weight = model[0].weight
+    assert weight.dtype == torch.float32  # what it reports
+    parts = stored_tensors(weight)
+    assert sorted(str(p.dtype) for p in parts) == ["torch.float32", "torch.int8"]
+    assert model_bytes(model)["parameters"] == 64 * 32 * 1 + 32 * 4  # int8 codes + one fp32 scale per output row

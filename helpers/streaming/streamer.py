@@ -22,6 +22,7 @@ from helpers.memory import parse_size
 from helpers.meta import parse_dtype
 from helpers.tensorfiles import CheckpointError
 
+from .bnb import BnB4bit, check_quantization, read_quant_states
 from .engine import BlockSource, BlockTimeline, Progress, Resident, stream_pass
 from .llama import Block, ForwardState, Llama, Role, ScoreState
 from .speculative import check_request, speculate
@@ -35,8 +36,11 @@ class LayerStreamer:
     ``checkpoint``: an ordinary checkpoint folder (``model.safetensors.index.json`` and its shards, or a lone
     ``model.safetensors``, with ``config.json``), streamed in place from its shards (nothing is written), or a
     per-layer split (``helpers.checkpoints.split_by_layer``, compressed or not: a compressed split names its
-    codec, found with ``helpers.quant.codec``). Its headers are read once, here; a folder that is neither, or
-    an index naming a missing shard, fails before any weight is read.
+    codec, found with ``helpers.quant.codec``). A checkpoint bitsandbytes quantized to 4 bits (``config.json``'s
+    ``quantization_config``: the Hub's ``*-bnb-4bit`` models) is streamed in place too, decoded on the device
+    (``bnb.BnB4bit``); any other quantized format is refused (``bnb.check_quantization``). Its headers are read
+    once, here; a folder that is neither, an index naming a missing shard, or a quantization it cannot decode
+    fails before any weight is read.
     ``device``: where blocks compute (default CUDA when present, else CPU). ``dtype``: compute dtype, as
     ``helpers.meta.parse_dtype`` reads it (default: the checkpoint's). ``read``: how blocks are read,
     ``helpers.reader.READS`` ("direct" by default, falling back to "buffered" where the file system refuses
@@ -60,6 +64,7 @@ class LayerStreamer:
 
         self.checkpoint = Path(checkpoint)
         layout_kind(self.checkpoint)  # first: a folder that is neither layout fails clearly
+        quantization = check_quantization(self.checkpoint)  # bitsandbytes 4-bit, None, or refused here
         if isinstance(resident_bytes, bool) or not isinstance(resident_bytes, (int, str)):
             raise ValueError(f"resident_bytes must be a byte count (an int, or a size such as '2GB'); got "
                              f"{resident_bytes!r}")
@@ -87,6 +92,8 @@ class LayerStreamer:
                 codec = find_codec(layout.compression)
             except ValueError as e:
                 raise CheckpointError(self.checkpoint / "layers.index.json", [str(e)]) from None
+        elif quantization is not None:  # bitsandbytes 4-bit, read in place: the codes cross the bus, not the floats
+            codec = BnB4bit(quantization, read_quant_states(layout))
         self.source = BlockSource(self.checkpoint, device=self.device, dtype=self.dtype, codec=codec,
                                   prefetch=prefetch, cold=drop_page_cache, read=read, layout=layout,
                                   lookups=[b.name for b in self.blocks if b.role is Role.EMBED])
@@ -108,8 +115,9 @@ class LayerStreamer:
 
     @property
     def compression(self) -> Optional[str]:
-        """The codec of the split being streamed: None, "int8" or "nf4" (None in place)."""
-        return self.source.layout.compression
+        """The codec of what is streamed: "int8" or "nf4" (a compressed split), "bnb-4bit" (a bitsandbytes 4-bit
+        checkpoint, in place), else None."""
+        return None if self.source.codec is None else self.source.codec.name
 
     @property
     def resident_blocks(self) -> list[str]:
@@ -336,8 +344,9 @@ def predicted_peak_bytes(config, batch_size: int, seq_len: int, dtype, *, prefet
     The embedding counts as the rows a pass looks up, a tied ``lm_head`` as the whole shared table it reads.
     ``read="map"``: the file pages of the two consecutive blocks it has at once (block i computing, block i + 1
     being read; one block without prefetch). ``"direct"``/``"buffered"``: the reader's two slots (one without
-    prefetch), each made as big as the largest block, which the tensors view. A ``codec`` (a compressed split):
-    blocks are read in their stored size, held decompressed too (two at once with prefetch), plus the codec's
+    prefetch), each made as big as the largest block, which the tensors view. A ``codec`` (a compressed split,
+    or ``bnb.BnB4bit`` for a bitsandbytes 4-bit checkpoint): blocks are read in their stored size, and the
+    weights it stores in parts are held decoded too (two blocks' at once with prefetch), plus the codec's
     temporaries (``temporary_bytes``). Then the activations of a ``batch_size`` x ``seq_len`` pass.
     """
     from helpers.arithmetic import activation_bytes, block_bytes, meta_model
@@ -347,15 +356,18 @@ def predicted_peak_bytes(config, batch_size: int, seq_len: int, dtype, *, prefet
     table = compute["model.embed_tokens"]
     if compute.get("lm_head") == 0:  # tied: lm_head reads the embedding's table whole
         compute["lm_head"] = table
-    stored, temporary = dict(compute), 0
+    stored, decoded, temporary = dict(compute), {b: 0 for b in compute}, 0
     if codec is not None:
         specs = [(n, tuple(p.shape), parse_dtype(dtype)) for n, p in meta_model(config).named_parameters()]
         stored = {b: 0 for b in compute}
         for name, shape, kind in codec.specs(specs):
-            stored["lm_head" if name.startswith("lm_head") else block_of(name)] += math.prod(shape) * kind.itemsize
+            stored[block_of(name)] += math.prod(shape) * kind.itemsize
         if stored["lm_head"] == 0:
             stored["lm_head"] = table
-        temporary = max(codec.temporary_bytes(shape, parse_dtype(dtype)) for _, shape, _ in specs if len(shape) == 2)
+        changed = [spec for spec in specs if codec.specs([spec]) != [spec]]  # the weights it stores in parts
+        for name, shape, kind in changed:
+            decoded[block_of(name)] += math.prod(shape) * kind.itemsize
+        temporary = max((codec.temporary_bytes(shape, kind) for _, shape, kind in changed), default=0)
     rows = min(table, batch_size * seq_len * (table // config.vocab_size))
     names = list(compute)
     if read == "map":
@@ -363,7 +375,7 @@ def predicted_peak_bytes(config, batch_size: int, seq_len: int, dtype, *, prefet
         weights = max(a + b for a, b in zip(held, held[1:])) if prefetch else max(held)
     else:
         weights = rows + (2 if prefetch else 1) * max(stored[b] for b in names if b != "model.embed_tokens")
-    if codec is not None:  # decompressed copies beside the stored bytes
-        decoded = [0 if b == "model.embed_tokens" else compute[b] for b in names]
-        weights += max(a + b for a, b in zip(decoded, decoded[1:])) if prefetch else max(decoded)
+    if codec is not None:  # decompressed copies of the weights it stores in parts, beside the stored bytes
+        copies = [decoded[b] for b in names]
+        weights += max(a + b for a, b in zip(copies, copies[1:])) if prefetch else max(copies)
     return weights + temporary + activation_bytes(config, batch_size, seq_len, dtype)
