@@ -168,3 +168,30 @@ def test_requirements_txt_installs_helpers_with_the_book_extra_and_repeats_nothi
     lines = [line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
     assert [line for line in lines if line and not line.startswith("#")] == ["-e .[book]"]
     assert "book" in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+
+
+def test_the_install_cell_never_replaces_the_runtimes_torch(monkeypatch, tmp_path):
+    """Run each chapter's first cell as Colab would, with pip replaced by a recorder: every pip call carries a
+    constraint pinning the runtime's own torch, so pip can upgrade anything but that build."""
+    import subprocess
+    import sys
+    import types
+    from importlib.metadata import version
+
+    from helpers import environment
+
+    calls = []
+
+    def pip(cmd, env=None, **kwargs):
+        pins = Path(env["PIP_CONSTRAINT"]).read_text().split() if env and "PIP_CONSTRAINT" in env else []
+        calls.append((cmd, pins))
+        return types.SimpleNamespace(returncode=0)
+
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(subprocess, "run", pip)
+    monkeypatch.setattr(environment, "prepare", lambda *needs: None)
+    for chapter, first in _first_cells().items():
+        calls.clear()
+        exec(compile(first.replace("%matplotlib inline", ""), chapter, "exec"), {})
+        assert calls and all(pins == [f"torch=={version('torch')}"] for _, pins in calls), (chapter, calls)
