@@ -29,7 +29,7 @@ from typing import Callable, Mapping, Optional, Protocol, Sequence, Union
 
 import torch
 
-from .tensorfiles import ST_DTYPES, CheckpointError, Header, read_header, write_json, write_safetensors
+from .tensorfiles import ST_DTYPES, CheckpointError, Header, read_header, read_range, write_json, write_safetensors
 
 __all__ = [
     "INDEX", "SINGLE", "LAYERS_INDEX", "LAYERS_FORMAT", "INPUT_BLOCKS", "TOKEN_TABLES", "HEAD",
@@ -272,6 +272,13 @@ class Piece:
                 raw = raw.clone()
             out[name] = raw.view(dtype).reshape(shape)
         return out
+
+    def read(self, name: str) -> torch.Tensor:
+        """One of the piece's tensors, read from the file on its own (for small metadata such as a quantization
+        state read once; a block's weights come through ``helpers.reader``)."""
+        dtype, shape, offset = self.tensors[name]
+        data, _ = read_range(self.path, self.start + offset, int(torch.Size(shape).numel()) * dtype.itemsize)
+        return data.view(dtype).reshape(shape)
 
 
 def pieces_of(header: Header, names: Mapping[str, str]) -> list[Piece]:

@@ -32,7 +32,7 @@ import torch
 from helpers.arithmetic import BNB_4BIT_BLOCKSIZE, BNB_NESTED_BLOCKSIZE
 from helpers.layout import BlockLayout
 from helpers.quant import Codec, dequantize_blocks, is_linear_weight
-from helpers.tensorfiles import CheckpointError, read_range
+from helpers.tensorfiles import CheckpointError
 
 __all__ = ["SUPPORTED_QUANTIZATION", "check_quantization", "read_quant_states", "dequantize_4bit", "BnB4bit"]
 
@@ -101,9 +101,9 @@ def read_quant_states(layout: BlockLayout) -> dict[str, dict]:
     states = {}
     for block in layout.blocks:
         for piece in layout.pieces[block]:
-            for name, (_, shape, offset) in piece.tensors.items():
+            for name in piece.tensors:
                 if BLOB.search(name):
-                    data, _ = read_range(piece.path, piece.start + offset, math.prod(shape))
+                    data = piece.read(name)
                     try:
                         states[f"{block}.{BLOB.sub('', name)}"] = parse_quant_state(data, name)
                     except ValueError as e:
