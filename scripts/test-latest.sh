@@ -7,6 +7,8 @@
 #   and Kaggle keep theirs), or with OLDEST=1 the oldest;
 # * helpers installed from a wheel built from this checkout, not editable;
 # * an empty model cache, as on a new runtime, so chapter 00 converts the model itself;
+# * the first cell of a chapter on a runtime whose torch is older than the book's bound
+#   (scripts/old-torch-runtime.sh);
 # * the unit tests, then every chapter executed in an empty folder outside the repository with --nbval-lax
 #   (cells must run and their asserts hold; outputs are not compared).
 set -euo pipefail
@@ -51,7 +53,8 @@ PY
 mkdir "$work/tmp"   # what the chapters write to temporary folders stays in $work and goes with it
 export TMPDIR=$work/tmp BOOK_CACHE_DIR=$work/cache HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 status=0
-"$py" -m pytest -p no:cacheprovider -q tests || status=1    # both run, whatever the first gives
+if [ "${OLDEST:-0}" != 1 ]; then "$repo/scripts/old-torch-runtime.sh" "$work/old" || status=1; fi
+"$py" -m pytest -p no:cacheprovider -q tests || status=1    # all run, whatever the first gives
 "$py" -m pytest -p no:cacheprovider --nbval-lax ./*.ipynb || status=1
 if [ "$status" = 0 ]; then echo "test-latest passed"; else echo "test-latest FAILED (see above)"; fi
 exit "$status"

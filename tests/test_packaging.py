@@ -195,3 +195,26 @@ def test_the_install_cell_never_replaces_the_runtimes_torch(monkeypatch, tmp_pat
         calls.clear()
         exec(compile(first.replace("%matplotlib inline", ""), chapter, "exec"), {})
         assert calls and all(pins == [f"torch=={version('torch')}"] for _, pins in calls), (chapter, calls)
+
+
+def test_the_install_cell_says_in_one_sentence_why_nothing_runs_when_pip_refuses(monkeypatch, tmp_path):
+    """When pip cannot install the book beside the runtime's torch (older than the book's bound: pip refuses
+    rather than replace it; scripts/old-torch-runtime.sh shows real pip doing so in make test-latest), the first cell
+    stops with one sentence naming that torch and what it means for the chapter, before helpers is imported."""
+    import subprocess
+    import types
+    from importlib.metadata import version
+
+    from helpers import environment
+
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(subprocess, "run", lambda *args, **kwargs: types.SimpleNamespace(returncode=1))
+    monkeypatch.setattr(environment, "prepare", lambda *needs: pytest.fail("prepare() ran after pip failed"))
+    for chapter, first in _first_cells().items():
+        with pytest.raises(RuntimeError) as raised:
+            exec(compile(first.replace("%matplotlib inline", ""), chapter, "exec"), {})
+        message = str(raised.value)
+        assert f"torch {version('torch')} is older than the book needs" in message, (chapter, message)
+        assert "none of this chapter's cells will run" in message, (chapter, message)
+        assert "\n" not in message, (chapter, message)
