@@ -1,5 +1,6 @@
-"""Tests for helpers.streaming.bnb (chapter 08): a checkpoint transformers saved with bitsandbytes 4-bit streams in
-place, decoded as bitsandbytes decodes it, and every other quantized format is refused before a weight is read."""
+"""Tests for helpers.streaming.bnb (chapter 08): a checkpoint transformers saved with bitsandbytes 4-bit or 8-bit
+streams in place, decoded as bitsandbytes decodes it, and every other quantized format is refused before a weight is
+read."""
 
 import json
 import math
@@ -10,7 +11,7 @@ import torch
 from helpers.arithmetic import activation_bytes, meta_model
 from helpers.layout import block_layout, block_of
 from helpers.streaming import LayerStreamer, predicted_peak_bytes
-from helpers.streaming.bnb import BnB4bit, check_quantization, dequantize_4bit, read_quant_states
+from helpers.streaming.bnb import BnB4bit, BnB8bit, check_quantization, dequantize_4bit, read_quant_states
 from helpers.tensorfiles import CheckpointError, read_header
 
 IDS = torch.tensor([[3, 17, 99, 5, 64, 120, 7, 42]])
@@ -177,7 +178,7 @@ def test_quant_state_lies_in_its_layer_and_is_counted(base, quantized):
 REFUSED = {
     "gptq": {"quant_method": "gptq", "bits": 4, "group_size": 128},
     "awq": {"quant_method": "awq", "bits": 4, "version": "gemm"},
-    "bitsandbytes 8-bit": {"quant_method": "bitsandbytes", "load_in_8bit": True, "load_in_4bit": False},
+    "bitsandbytes, neither 4- nor 8-bit": {"quant_method": "bitsandbytes", "load_in_4bit": False},
     "an unknown method": {"quant_method": "mystery-quant"},
     "a 4-bit type bnb has not": {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "int4"},
 }
@@ -193,12 +194,105 @@ def test_other_quantized_formats_are_refused_before_any_weight_is_read(tmp_path,
     message = str(error.value)
     assert not isinstance(error.value, CheckpointError)  # not the unreadable file: nothing was read
     assert repr(REFUSED[what]["quant_method"]) in message  # the method, and what is supported
-    assert "bitsandbytes 4-bit" in message and "nf4 or fp4" in message and "double quant" in message
-    assert {"bitsandbytes 8-bit": "load_in_8bit", "a 4-bit type bnb has not": "'int4'"}.get(what, "") in message
+    assert "load_in_4bit: nf4 or fp4" in message and "double quant" in message and "load_in_8bit" in message
+    assert {"a 4-bit type bnb has not": "'int4'"}.get(what, "") in message
 
 
-def test_check_quantization_passes_plain_and_bnb_4bit_configs():
+def test_check_quantization_passes_plain_and_bnb_configs():
     assert check_quantization({"model_type": "llama"}) is None
     bnb = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "fp4"}
     assert check_quantization({"quantization_config": bnb}) == bnb
     assert check_quantization({"quantization_config": {"load_in_4bit": True}}) is not None  # before quant_method
+    eight = {"quant_method": "bitsandbytes", "load_in_8bit": True, "load_in_4bit": False}
+    assert check_quantization({"quantization_config": eight}) == eight
+
+
+# --------------------------------------------------------------------------- 8-bit
+
+def bnb_int8_on_cpu() -> bool:
+    try:
+        import bitsandbytes.functional as F
+
+        F.int8_vectorwise_quant(torch.randn(4, 64))
+        return True
+    except Exception:  # not installed, or no CPU backend in this build
+        return False
+
+
+needs_bnb8 = pytest.mark.skipif(not bnb_int8_on_cpu(), reason="bitsandbytes cannot quantize to int8 on this CPU")
+
+
+@pytest.fixture(scope="module")
+def quantized8(base, tmp_path_factory):
+    """A checkpoint transformers saved with bitsandbytes 8-bit, sharded; the logits of ``base`` with every weight
+    bitsandbytes quantized replaced by what its int8_vectorwise_dequant gives back; and bitsandbytes' own LLM.int8
+    logits (activations rounded to int8 too)."""
+    import bitsandbytes.functional as F
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    folder = tmp_path_factory.mktemp("bnb") / "int8"
+    q = BitsAndBytesConfig(load_in_8bit=True)
+    model = AutoModelForCausalLM.from_pretrained(base, quantization_config=q, dtype=torch.float32,
+                                                 device_map="cpu").eval()
+    model.save_pretrained(folder, max_shard_size="40KB")
+    with torch.no_grad():
+        int8_logits = model(IDS).logits.float()
+    tensors = stored(folder)
+    dequantized = {f"{k[:-4]}.weight": F.int8_vectorwise_dequant(tensors[f"{k[:-4]}.weight"], v)
+                   for k, v in tensors.items() if k.endswith(".SCB")}
+    reference = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    missing, unexpected = reference.load_state_dict(dequantized, strict=False)
+    assert not unexpected and len(dequantized) == 2 * 7
+    with torch.no_grad():
+        return folder, reference(IDS).logits.float(), int8_logits
+
+
+@needs_bnb8
+def test_8bit_streams_in_place_as_the_weights_bitsandbytes_dequantizes(quantized8):
+    folder, expected, int8_logits = quantized8
+    assert len(list(folder.glob("model-*.safetensors"))) >= 3
+    with LayerStreamer(folder, device="cpu", progress=False) as s:
+        assert s.compression == "bnb-8bit"
+        got = s.forward(IDS)
+        read = {r["block"]: r["bytes"] for r in s.timeline}
+    assert torch.allclose(got, expected, rtol=0, atol=1e-5), (got - expected).abs().max()
+    # bitsandbytes' own product also rounds each token's activations to int8: close, not equal (0.8 % here)
+    assert (got - int8_logits).abs().max() < 0.05 * int8_logits.abs().max()
+    # a layer crosses as int8 plus one float32 scale per row, and the codec predicts the stored bytes exactly
+    layout = block_layout(folder)
+    specs = [(n, tuple(p.shape), torch.float32) for n, p in meta_model(s.config).named_parameters()]
+    predicted = {}
+    for name, shape, dtype in BnB8bit(s.config.quantization_config).specs(specs):
+        predicted[block_of(name)] = predicted.get(block_of(name), 0) + math.prod(shape) * dtype.itemsize
+    assert predicted == {b: layout.bytes(b) for b in layout.blocks}
+    assert read["model.layers.1"] == layout.bytes("model.layers.1") < 0.3 * 4 * sum(
+        math.prod(shape) for name, shape, _ in specs if name.startswith("model.layers.1."))
+
+
+@needs_bnb8
+def test_each_8bit_weight_decodes_as_bitsandbytes_does(quantized8):
+    import bitsandbytes.functional as F
+
+    folder, _, _ = quantized8
+    tensors = stored(folder)
+    decoded = BnB8bit().decompress(tensors, torch.float32)
+    assert not any(k.endswith((".SCB", ".weight_format")) for k in decoded)
+    weights = [k[:-4] + ".weight" for k in tensors if k.endswith(".SCB")]
+    assert len(weights) == 2 * 7 and "lm_head.weight" not in weights  # transformers leaves lm_head in float
+    for w in weights:
+        assert torch.equal(decoded[w], F.int8_vectorwise_dequant(tensors[w], tensors[w[:-7] + ".SCB"])), w
+    assert decoded["lm_head.weight"] is tensors["lm_head.weight"]
+
+
+def test_8bit_layouts_other_than_row_and_partial_weights_are_refused():
+    w, scb = torch.ones(4, 8, dtype=torch.int8), torch.ones(4)
+    with pytest.raises(ValueError, match=r"x.weight_format is 2; .*'row' format \(0\)"):
+        BnB8bit().decompress({"x.weight": w, "x.SCB": scb, "x.weight_format": torch.tensor(2, dtype=torch.uint8)},
+                             torch.float32)
+    with pytest.raises(ValueError, match=r"'x.SCB' has no int8 'x.weight' beside it"):
+        BnB8bit().decompress({"x.weight": w.float(), "x.SCB": scb}, torch.float32)
+    with pytest.raises(ValueError, match=r"dtype torch.int8 must be a floating-point"):
+        BnB8bit().decompress({"x.weight": w, "x.SCB": scb}, torch.int8)
+    out = BnB8bit().decompress({"x.weight": w, "x.SCB": scb, "x.weight_format": torch.tensor(0, dtype=torch.uint8)},
+                               torch.bfloat16)
+    assert set(out) == {"x.weight"} and out["x.weight"].dtype == torch.bfloat16

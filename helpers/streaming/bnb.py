@@ -1,5 +1,5 @@
-"""bitsandbytes' 4-bit checkpoints, streamed in place: what transformers saves for ``load_in_4bit``, decoded on the
-device, block by block.
+"""bitsandbytes' checkpoints, streamed in place: what transformers saves for ``load_in_4bit`` or ``load_in_8bit``,
+decoded on the device, block by block.
 
 Built in chapter 08. A model loaded with ``BitsAndBytesConfig(load_in_4bit=True)`` and saved with
 ``save_pretrained`` (the Hub's ``*-bnb-4bit`` models) stores each quantized linear weight as five tensors, seven
@@ -15,8 +15,15 @@ with double quantization (bitsandbytes' ``QuantState.as_dict(packed=True)``):
 
 ``BnB4bit`` is a ``helpers.quant.Codec`` that decodes them as bitsandbytes' ``dequantize_4bit`` does (the absmaxes
 first, as ``dequantize_blockwise`` does, plus ``nested_offset``), with ``helpers.quant.dequantize_blocks``, in
-chunks of whole blocks. ``check_quantization`` reads ``config.json``'s ``quantization_config`` and refuses every
-other quantized format before a weight is read.
+chunks of whole blocks.
+
+With ``load_in_8bit`` (the Hub's ``*-bnb-8bit`` models) a linear weight is three tensors beside its module's name:
+``weight`` (int8, the weight's own shape), ``SCB`` (one float32 absmax per output row) and ``weight_format`` (a
+uint8 scalar; 0, "row", is the only layout bitsandbytes loads). ``BnB8bit`` decodes them as bitsandbytes'
+``int8_vectorwise_dequant`` does: chapter 06's ``RowwiseInt8``, ``weight * SCB / 127``. That is the weight the int8
+model stands for; bitsandbytes' own LLM.int8 product also rounds the activations to int8, which the streamer does
+not. ``check_quantization`` reads ``config.json``'s ``quantization_config`` and refuses every other quantized
+format before a weight is read; ``bnb_codec`` picks the codec for the one it passes.
 """
 
 from __future__ import annotations
@@ -31,23 +38,24 @@ import torch
 
 from helpers.arithmetic import BNB_4BIT_BLOCKSIZE, BNB_NESTED_BLOCKSIZE
 from helpers.layout import BlockLayout
-from helpers.quant import Codec, dequantize_blocks, is_linear_weight
+from helpers.quant import Codec, RowwiseInt8, dequantize_blocks, is_linear_weight
 from helpers.tensorfiles import CheckpointError
 
-__all__ = ["SUPPORTED_QUANTIZATION", "check_quantization", "read_quant_states", "dequantize_4bit", "BnB4bit"]
+__all__ = ["SUPPORTED_QUANTIZATION", "check_quantization", "read_quant_states", "dequantize_4bit", "BnB4bit",
+           "BnB8bit", "bnb_codec"]
 
-SUPPORTED_QUANTIZATION = ("unquantized checkpoints and bitsandbytes 4-bit ones (quant_method 'bitsandbytes' with "
-                          "load_in_4bit: nf4 or fp4, with or without double quant)")
+SUPPORTED_QUANTIZATION = ("unquantized checkpoints and bitsandbytes ones (quant_method 'bitsandbytes' with "
+                          "load_in_4bit: nf4 or fp4, with or without double quant; or with load_in_8bit)")
 BLOB = re.compile(r"\.quant_state\.bitsandbytes__(nf4|fp4)$")  # the JSON tensor beside each quantized weight
 PARTS = ("", ".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")  # after the weight's name
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def check_quantization(config: Union[Mapping, str, Path]) -> Optional[dict]:
-    """``config.json``'s ``quantization_config`` if it is bitsandbytes 4-bit (nf4 or fp4), None if there is none;
-    ``ValueError`` naming the method and what is supported for anything else (GPTQ, AWQ, bitsandbytes 8-bit, an
-    unknown method). ``config``: config.json's contents, or the folder that holds it (None if it has no readable
-    one: transformers' ``AutoConfig`` says what is wrong with it). Built in chapter 08."""
+    """``config.json``'s ``quantization_config`` if it is bitsandbytes 4-bit (nf4 or fp4) or 8-bit, None if there is
+    none; ``ValueError`` naming the method and what is supported for anything else (GPTQ, AWQ, an unknown method).
+    ``config``: config.json's contents, or the folder that holds it (None if it has no readable one: transformers'
+    ``AutoConfig`` says what is wrong with it). Built in chapter 08."""
     if not isinstance(config, Mapping):
         try:
             config = json.loads((Path(config) / "config.json").read_text())
@@ -62,12 +70,11 @@ def check_quantization(config: Union[Mapping, str, Path]) -> Optional[dict]:
     method = q.get("quant_method", "bitsandbytes" if q.get("load_in_4bit") or q.get("load_in_8bit") else None)
     four, eight = q.get("load_in_4bit", q.get("_load_in_4bit")), q.get("load_in_8bit", q.get("_load_in_8bit"))
     kind = q.get("bnb_4bit_quant_type", "nf4")
-    if method == "bitsandbytes" and four and kind in ("nf4", "fp4"):
+    if method == "bitsandbytes" and ((four and kind in ("nf4", "fp4")) or (eight and not four)):
         return dict(q)
     what = repr(method)
     if method == "bitsandbytes":
-        what += (f" with bnb_4bit_quant_type {kind!r}" if four else
-                 " with load_in_8bit (8-bit)" if eight else " without load_in_4bit")
+        what += (f" with bnb_4bit_quant_type {kind!r}" if four else " without load_in_4bit or load_in_8bit")
     raise ValueError(f"quantization_config: quant_method {what} is not supported by LayerStreamer; it streams "
                      f"{SUPPORTED_QUANTIZATION}")
 
@@ -219,3 +226,64 @@ class BnB4bit(Codec):
             used |= {blob, *(weight + s for s in needed)}
         out.update({k: v for k, v in state.items() if k not in used})
         return out
+
+
+class BnB8bit(Codec):
+    """bitsandbytes' 8-bit format as transformers saves it (``load_in_8bit``), read in place: decode only.
+    ``quantization_config``: the checkpoint's (``check_quantization``). Built in chapter 08."""
+
+    name = "bnb-8bit"
+
+    def __init__(self, quantization_config: Optional[Mapping] = None):
+        q = dict(quantization_config or {})
+        self.skip = tuple(q.get("llm_int8_skip_modules") or ("lm_head",))  # transformers leaves these in float
+
+    quantized = BnB4bit.quantized  # the same rule: a linear weight outside ``skip``
+
+    def parts(self, name, shape, dtype=torch.bfloat16):
+        module = name.rsplit(".", 1)[0]
+        return [(name, tuple(shape), torch.int8), (f"{module}.SCB", (shape[0],), torch.float32),
+                (f"{module}.weight_format", (), torch.uint8)]
+
+    specs = BnB4bit.specs
+
+    def encode(self, w):
+        raise NotImplementedError("bnb-8bit is read only: bitsandbytes writes it (save_pretrained of a model loaded "
+                                  "with BitsAndBytesConfig(load_in_8bit=True)); for a split use codec('int8')")
+
+    def decode(self, parts, dtype):
+        """``parts`` in the order of ``parts()``: the int8 weight, its SCB and (ignored here) its weight_format."""
+        weight, scb = parts[0], parts[1]
+        return RowwiseInt8(q=weight, absmax=scb, dtype=dtype).dequantize()
+
+    def temporary_bytes(self, shape, dtype):
+        return 4 * math.prod(shape)  # the float32 product before its cast to ``dtype``
+
+    def decompress(self, state, dtype):
+        """Each bitsandbytes 8-bit weight of ``state`` (a module's ``weight``, ``SCB`` and ``weight_format``) decoded
+        in ``dtype`` on the device it is on; every other tensor passes unchanged."""
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype {dtype!r} must be a floating-point torch.dtype")
+        out, used = {}, set()
+        for scb in [k for k in state if k.endswith(".SCB")]:
+            module = scb[:-len(".SCB")]
+            weight, layout = f"{module}.weight", state.get(f"{module}.weight_format")
+            if weight not in state or state[weight].dtype != torch.int8:
+                raise ValueError(f"{scb!r} has no int8 {weight!r} beside it: not a whole bitsandbytes 8-bit weight")
+            if layout is not None and int(layout) != 0:
+                raise ValueError(f"{module}.weight_format is {int(layout)}; bitsandbytes 8-bit weights stream only "
+                                 "in its 'row' format (0), the only one bitsandbytes itself loads")
+            out[weight] = self.decode([state[weight], state[scb]], dtype)
+            used |= {scb, weight, f"{module}.weight_format"}
+        out.update({k: v for k, v in state.items() if k not in used})
+        return out
+
+
+def bnb_codec(quantization_config: Mapping, layout: BlockLayout) -> Codec:
+    """The codec that reads a checkpoint saved with this bitsandbytes ``quantization_config`` (one that
+    ``check_quantization`` passed) in place: ``BnB4bit`` with its quant states read once, or ``BnB8bit``.
+    Built in chapter 08."""
+    q = quantization_config
+    if q.get("load_in_4bit", q.get("_load_in_4bit")):
+        return BnB4bit(q, read_quant_states(layout))
+    return BnB8bit(q)

@@ -22,7 +22,7 @@ from helpers.memory import parse_size
 from helpers.meta import parse_dtype
 from helpers.tensorfiles import CheckpointError
 
-from .bnb import BnB4bit, check_quantization, read_quant_states
+from .bnb import bnb_codec, check_quantization
 from .engine import BlockSource, BlockTimeline, Progress, Resident, stream_pass
 from .llama import Block, ForwardState, Llama, Role, ScoreState
 from .speculative import check_request, speculate
@@ -36,9 +36,10 @@ class LayerStreamer:
     ``checkpoint``: an ordinary checkpoint folder (``model.safetensors.index.json`` and its shards, or a lone
     ``model.safetensors``, with ``config.json``), streamed in place from its shards (nothing is written), or a
     per-layer split (``helpers.checkpoints.split_by_layer``, compressed or not: a compressed split names its
-    codec, found with ``helpers.quant.codec``). A checkpoint bitsandbytes quantized to 4 bits (``config.json``'s
-    ``quantization_config``: the Hub's ``*-bnb-4bit`` models) is streamed in place too, decoded on the device
-    (``bnb.BnB4bit``); any other quantized format is refused (``bnb.check_quantization``). Its headers are read
+    codec, found with ``helpers.quant.codec``). A checkpoint bitsandbytes quantized to 4 or 8 bits (``config.json``'s
+    ``quantization_config``: the Hub's ``*-bnb-4bit`` and ``*-bnb-8bit`` models) is streamed in place too, decoded
+    on the device (``bnb.BnB4bit``, ``bnb.BnB8bit``); any other quantized format is refused
+    (``bnb.check_quantization``). Its headers are read
     once, here; a folder that is neither, an index naming a missing shard, or a quantization it cannot decode
     fails before any weight is read.
     ``device``: where blocks compute (default CUDA when present, else CPU). ``dtype``: compute dtype, as
@@ -64,7 +65,7 @@ class LayerStreamer:
 
         self.checkpoint = Path(checkpoint)
         layout_kind(self.checkpoint)  # first: a folder that is neither layout fails clearly
-        quantization = check_quantization(self.checkpoint)  # bitsandbytes 4-bit, None, or refused here
+        quantization = check_quantization(self.checkpoint)  # bitsandbytes 4-/8-bit, None, or refused here
         if isinstance(resident_bytes, bool) or not isinstance(resident_bytes, (int, str)):
             raise ValueError(f"resident_bytes must be a byte count (an int, or a size such as '2GB'); got "
                              f"{resident_bytes!r}")
@@ -92,8 +93,8 @@ class LayerStreamer:
                 codec = find_codec(layout.compression)
             except ValueError as e:
                 raise CheckpointError(self.checkpoint / "layers.index.json", [str(e)]) from None
-        elif quantization is not None:  # bitsandbytes 4-bit, read in place: the codes cross the bus, not the floats
-            codec = BnB4bit(quantization, read_quant_states(layout))
+        elif quantization is not None:  # bitsandbytes, read in place: the codes cross the bus, not the floats
+            codec = bnb_codec(quantization, layout)
         self.source = BlockSource(self.checkpoint, device=self.device, dtype=self.dtype, codec=codec,
                                   prefetch=prefetch, cold=drop_page_cache, read=read, layout=layout,
                                   lookups=[b.name for b in self.blocks if b.role is Role.EMBED])
@@ -115,8 +116,8 @@ class LayerStreamer:
 
     @property
     def compression(self) -> Optional[str]:
-        """The codec of what is streamed: "int8" or "nf4" (a compressed split), "bnb-4bit" (a bitsandbytes 4-bit
-        checkpoint, in place), else None."""
+        """The codec of what is streamed: "int8" or "nf4" (a compressed split), "bnb-4bit" or "bnb-8bit" (a
+        bitsandbytes checkpoint, in place), else None."""
         return None if self.source.codec is None else self.source.codec.name
 
     @property
@@ -345,7 +346,7 @@ def predicted_peak_bytes(config, batch_size: int, seq_len: int, dtype, *, prefet
     ``read="map"``: the file pages of the two consecutive blocks it has at once (block i computing, block i + 1
     being read; one block without prefetch). ``"direct"``/``"buffered"``: the reader's two slots (one without
     prefetch), each made as big as the largest block, which the tensors view. A ``codec`` (a compressed split,
-    or ``bnb.BnB4bit`` for a bitsandbytes 4-bit checkpoint): blocks are read in their stored size, and the
+    or ``bnb.BnB4bit``/``bnb.BnB8bit`` for a bitsandbytes checkpoint): blocks are read in their stored size, and the
     weights it stores in parts are held decoded too (two blocks' at once with prefetch), plus the codec's
     temporaries (``temporary_bytes``). Then the activations of a ``batch_size`` x ``seq_len`` pass.
     """
