@@ -41,7 +41,7 @@ import json, sys, types
 from importlib.metadata import version
 
 sys.modules["google.colab"] = types.ModuleType("google.colab")
-source = "".join(json.load(open(sys.argv[1]))["cells"][1]["source"])
+source = "".join(next(c for c in json.load(open(sys.argv[1]))["cells"] if c["cell_type"] == "code")["source"])
 try:
     exec(compile(source, "first cell", "exec"), {})
 except RuntimeError as error:

@@ -1,5 +1,5 @@
-"""What the rendered book shows of each chapter's code stays readable: the lesson, not the plumbing (README,
-"Writing a chapter"). A code cell is shown unless it is tagged hide-input, remove-input or remove-cell; the
+"""What the rendered book shows of each chapter's code stays readable: the lesson, not the plumbing (README, the
+``tests/`` row). A code cell is shown unless it is tagged hide-input, remove-input or remove-cell; the
 hidden ones still run (nbval executes every cell) and stay visible on Colab."""
 
 import json

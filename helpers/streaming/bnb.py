@@ -41,14 +41,19 @@ from helpers.layout import BlockLayout
 from helpers.quant import Codec, RowwiseInt8, dequantize_blocks, is_linear_weight
 from helpers.tensorfiles import CheckpointError
 
-__all__ = ["SUPPORTED_QUANTIZATION", "check_quantization", "read_quant_states", "dequantize_4bit", "BnB4bit",
-           "BnB8bit", "bnb_codec"]
+__all__ = ["SUPPORTED_QUANTIZATION", "check_quantization", "read_quant_states", "dequantize_4bit", "BnBCodec",
+           "BnB4bit", "BnB8bit", "bnb_codec"]
 
 SUPPORTED_QUANTIZATION = ("unquantized checkpoints and bitsandbytes ones (quant_method 'bitsandbytes' with "
                           "load_in_4bit: nf4 or fp4, with or without double quant; or with load_in_8bit)")
 BLOB = re.compile(r"\.quant_state\.bitsandbytes__(nf4|fp4)$")  # the JSON tensor beside each quantized weight
 PARTS = ("", ".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")  # after the weight's name
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def _bits(q: Mapping) -> tuple:
+    """(load_in_4bit, load_in_8bit) of a quantization_config, as transformers writes either spelling."""
+    return q.get("load_in_4bit", q.get("_load_in_4bit")), q.get("load_in_8bit", q.get("_load_in_8bit"))
 
 
 def check_quantization(config: Union[Mapping, str, Path]) -> Optional[dict]:
@@ -68,7 +73,7 @@ def check_quantization(config: Union[Mapping, str, Path]) -> Optional[dict]:
         raise ValueError(f"quantization_config {q!r:.80} is not a mapping; LayerStreamer streams "
                          f"{SUPPORTED_QUANTIZATION}")
     method = q.get("quant_method", "bitsandbytes" if q.get("load_in_4bit") or q.get("load_in_8bit") else None)
-    four, eight = q.get("load_in_4bit", q.get("_load_in_4bit")), q.get("load_in_8bit", q.get("_load_in_8bit"))
+    four, eight = _bits(q)
     kind = q.get("bnb_4bit_quant_type", "nf4")
     if method == "bitsandbytes" and ((four and kind in ("nf4", "fp4")) or (eight and not four)):
         return dict(q)
@@ -146,7 +151,37 @@ def dequantize_4bit(tensors: Mapping[str, torch.Tensor], state: Mapping, dtype: 
     return out.view(shape) if dtype is None else out.view(shape).to(dtype)
 
 
-class BnB4bit(Codec):
+class BnBCodec(Codec):
+    """What bitsandbytes' 4-bit and 8-bit checkpoints share: transformers quantizes every linear weight outside
+    ``llm_int8_skip_modules`` (``lm_head`` by default), and bitsandbytes, not this codec, writes them.
+    ``quantization_config``: the checkpoint's (``check_quantization``). Built in chapter 08."""
+
+    def __init__(self, quantization_config: Optional[Mapping] = None):
+        q = dict(quantization_config or {})
+        self.skip = tuple(q.get("llm_int8_skip_modules") or ("lm_head",))  # transformers leaves these in float
+
+    def quantized(self, name: str, shape: Sequence[int], dtype: torch.dtype) -> bool:
+        """Whether transformers stores this tensor quantized: a linear weight outside ``skip``."""
+        module = name.rsplit(".", 1)[0]
+        return is_linear_weight(name, shape, dtype) and not any(
+            module == m or module.endswith("." + m) or module.startswith(m + ".") for m in self.skip)
+
+    def specs(self, specs):
+        """What transformers stores for tensors of these specs: each quantized weight's parts, others as they are."""
+        out = []
+        for name, shape, dtype in specs:
+            quantized = self.quantized(name, shape, dtype)
+            out += self.parts(name, tuple(shape), dtype) if quantized else [(name, shape, dtype)]
+        return out
+
+    def encode(self, w):
+        bits = "4" if self.name == "bnb-4bit" else "8"
+        raise NotImplementedError(f"{self.name} is read only: bitsandbytes writes it (save_pretrained of a model "
+                                  f"loaded with BitsAndBytesConfig(load_in_{bits}bit=True)); for a split use "
+                                  f"codec({'nf4' if bits == '4' else 'int8'!r})")
+
+
+class BnB4bit(BnBCodec):
     """bitsandbytes' 4-bit format as transformers saves it, read in place: decode only (bitsandbytes writes it).
     ``quantization_config``: the checkpoint's (``check_quantization``), for ``specs`` (bytes stored per weight:
     ``predicted_peak_bytes``); ``states``: ``read_quant_states``' (else each pass parses the JSON tensors).
@@ -156,17 +191,11 @@ class BnB4bit(Codec):
     chunk = 2**20  # bytes of codes decoded at a time (dequantize_4bit)
 
     def __init__(self, quantization_config: Optional[Mapping] = None, states: Optional[Mapping[str, dict]] = None):
+        super().__init__(quantization_config)
         q = dict(quantization_config or {})
         self.quant_type = q.get("bnb_4bit_quant_type", "nf4")
         self.double_quant = bool(q.get("bnb_4bit_use_double_quant", False))
-        self.skip = tuple(q.get("llm_int8_skip_modules") or ("lm_head",))  # transformers leaves these in float
         self.states = dict(states or {})
-
-    def quantized(self, name: str, shape: Sequence[int], dtype: torch.dtype) -> bool:
-        """Whether transformers stores this tensor in 4 bits: a linear weight outside ``skip``."""
-        module = name.rsplit(".", 1)[0]
-        return is_linear_weight(name, shape, dtype) and not any(
-            module == m or module.endswith("." + m) or module.startswith(m + ".") for m in self.skip)
 
     def parts(self, name, shape, dtype=torch.bfloat16):
         n = math.prod(shape)
@@ -182,18 +211,6 @@ class BnB4bit(Codec):
                     (f"{name}.nested_quant_map", (256,), torch.float32)]
         blob = len(json.dumps(state))  # its length to within a few bytes (the offset's digits)
         return out + [(f"{name}.quant_state.bitsandbytes__{self.quant_type}", (blob,), torch.uint8)]
-
-    def specs(self, specs):
-        """What transformers stores for tensors of these specs: each quantized weight's parts, others as they are."""
-        out = []
-        for name, shape, dtype in specs:
-            quantized = self.quantized(name, shape, dtype)
-            out += self.parts(name, tuple(shape), dtype) if quantized else [(name, shape, dtype)]
-        return out
-
-    def encode(self, w):
-        raise NotImplementedError("bnb-4bit is read only: bitsandbytes writes it (save_pretrained of a model loaded "
-                                  "with BitsAndBytesConfig(load_in_4bit=True)); for a split use codec('nf4')")
 
     def decode(self, parts, dtype):
         """``parts`` in the order of ``parts()``: the codes, absmax, quant_map, (nested absmax and map,) the JSON."""
@@ -228,28 +245,16 @@ class BnB4bit(Codec):
         return out
 
 
-class BnB8bit(Codec):
+class BnB8bit(BnBCodec):
     """bitsandbytes' 8-bit format as transformers saves it (``load_in_8bit``), read in place: decode only.
     ``quantization_config``: the checkpoint's (``check_quantization``). Built in chapter 08."""
 
     name = "bnb-8bit"
 
-    def __init__(self, quantization_config: Optional[Mapping] = None):
-        q = dict(quantization_config or {})
-        self.skip = tuple(q.get("llm_int8_skip_modules") or ("lm_head",))  # transformers leaves these in float
-
-    quantized = BnB4bit.quantized  # the same rule: a linear weight outside ``skip``
-
     def parts(self, name, shape, dtype=torch.bfloat16):
         module = name.rsplit(".", 1)[0]
         return [(name, tuple(shape), torch.int8), (f"{module}.SCB", (shape[0],), torch.float32),
                 (f"{module}.weight_format", (), torch.uint8)]
-
-    specs = BnB4bit.specs
-
-    def encode(self, w):
-        raise NotImplementedError("bnb-8bit is read only: bitsandbytes writes it (save_pretrained of a model loaded "
-                                  "with BitsAndBytesConfig(load_in_8bit=True)); for a split use codec('int8')")
 
     def decode(self, parts, dtype):
         """``parts`` in the order of ``parts()``: the int8 weight, its SCB and (ignored here) its weight_format."""
@@ -283,7 +288,5 @@ def bnb_codec(quantization_config: Mapping, layout: BlockLayout) -> Codec:
     """The codec that reads a checkpoint saved with this bitsandbytes ``quantization_config`` (one that
     ``check_quantization`` passed) in place: ``BnB4bit`` with its quant states read once, or ``BnB8bit``.
     Built in chapter 08."""
-    q = quantization_config
-    if q.get("load_in_4bit", q.get("_load_in_4bit")):
-        return BnB4bit(q, read_quant_states(layout))
-    return BnB8bit(q)
+    four, _ = _bits(quantization_config)
+    return BnB4bit(quantization_config, read_quant_states(layout)) if four else BnB8bit(quantization_config)
